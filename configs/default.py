@@ -1,0 +1,6 @@
+"""The default experiment (`make run`): DeepSeekMoE-style tiny LM on the embedded corpus."""
+from configs import deepseekmoe
+
+
+def get_config():
+  return deepseekmoe.get_config()

@@ -1,0 +1,99 @@
+"""Decoder-only language model assembled from config (pre-norm, RMSNorm, RoPE, GQA, SwiGLU).
+
+Which feed-forward a layer gets is data (``ModelConfig.is_moe_layer``), not a model-name branch:
+layers < first_dense_layers are dense (DeepSeekMoE 16B: the first layer), after that every
+``moe_every``-th layer is MoE (GShard/Switch: every other layer; DeepSeekMoE: every layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.layers.attention import Attention
+from moejax.layers.dense import SwiGLU
+from moejax.layers.moe import MoEBlock, MoESpec
+from moejax.layers.norms import RMSNorm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  ffn_hidden: int = 512
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  moe: Optional[MoESpec] = None     # None: every layer dense
+  moe_every: int = 1
+  first_dense_layers: int = 0
+
+  def is_moe_layer(self, i: int) -> bool:
+    return (self.moe is not None and i >= self.first_dense_layers
+            and (i - self.first_dense_layers) % self.moe_every == 0)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, model) -> "ModelConfig":
+    """Builds from the ``config.model`` ConfigDict (already validated)."""
+    moe_cfg = model.moe
+    moe = None
+    if moe_cfg.num_experts > 0:
+      moe = MoESpec(**{f.name: moe_cfg[f.name] for f in dataclasses.fields(MoESpec)})
+    fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers"}
+    return cls(moe=moe, moe_every=moe_cfg.moe_every,
+               first_dense_layers=moe_cfg.first_dense_layers,
+               **{name: model[name] for name in fields})
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, *, deterministic: bool) -> Array:
+    c, dt = self.cfg, self.cfg.compute_dtype
+    h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
+    x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
+                      name="attn")(h, positions)
+    h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
+    if c.is_moe_layer(self.layer):
+      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic)
+    else:
+      y = SwiGLU(c.ffn_hidden, dt, name="ffn")(h)
+    x = x + y
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Transformer(nn.Module):
+  """tokens [B, L] int32 -> logits [B, L, V] float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
+    c = self.cfg
+    embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype, name="embed",
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+    x = embed(tokens)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    for i in range(c.num_layers):
+      x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic)
+    x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
+    unembed = self.param("unembed", nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), ("embed", "vocab")),
+                         (c.d_model, c.vocab_size), jnp.float32)
+    return jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,193 @@
+"""One grouped matmul for every expert layer: ``gmm(lhs, rhs, group_sizes, backend=...)``.
+
+Contract (shared by every backend, so they are interchangeable):
+  lhs [M, K] rows sorted by group; rhs [G, K, N]; group_sizes [G] int32 with sum <= M.
+  out[i] = lhs[i] @ rhs[g(i)] for row i of group g; rows past sum(group_sizes) are 0.
+
+Backends:
+  "reference"  a per-group loop, obviously right, O(G) dense matmuls: the test oracle.
+  "ragged_dot" ``jax.lax.ragged_dot``: native on GPU/TPU, but computes every group densely on CPU.
+  "xla"        tiled: rows are cut into tiles of ``tile_m``; a small schedule lists the
+               (tile, group) pairs that overlap (at most num_tiles + G - 1) and a loop runs one
+               [tile_m, K] @ [K, N] matmul per pair. Custom VJP: d_lhs is the same op on the
+               transposed weights, d_rhs is the transposed op ``tgmm``.
+  "auto"       "xla" on CPU; "ragged_dot" on GPU/TPU until the Pallas kernels
+               (``pallas_kernels/``, issue 5) register themselves under "pallas".
+
+New backends register with ``register_backend(name, fn)``; the MoE layer only ever calls ``gmm``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_BACKENDS: dict[str, Callable[..., Array]] = {}
+
+
+def register_backend(name: str, fn: Callable[..., Array]) -> None:
+  """Registers ``fn(lhs, rhs, group_sizes, *, tile_m) -> [M, N]`` under ``name``."""
+  _BACKENDS[name] = fn
+
+
+def backends() -> tuple[str, ...]:
+  return tuple(sorted(_BACKENDS)) + ("auto",)
+
+
+def resolve_backend(backend: str) -> str:
+  if backend == "auto":
+    platform = jax.default_backend()
+    if platform == "cpu":
+      return "xla"
+    return "pallas" if "pallas" in _BACKENDS else "ragged_dot"
+  if backend not in _BACKENDS:
+    raise ValueError(f"gmm backend={backend!r} is unknown; allowed: {backends()}")
+  return backend
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, backend: str = "auto",
+        tile_m: int = 128) -> Array:
+  """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (see module docstring)."""
+  if lhs.ndim != 2 or rhs.ndim != 3:
+    raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
+  if lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"gmm contraction mismatch: lhs K={lhs.shape[1]}, rhs K={rhs.shape[1]}")
+  if group_sizes.shape != (rhs.shape[0],):
+    raise ValueError(f"gmm group_sizes shape {group_sizes.shape} != (G,)=({rhs.shape[0]},)")
+  if tile_m <= 0:
+    raise ValueError(f"gmm tile_m must be positive, got {tile_m}")
+  return _BACKENDS[resolve_backend(backend)](
+      lhs, rhs, group_sizes.astype(jnp.int32), tile_m=tile_m)
+
+
+# ----------------------------------------------------------------------------- reference
+def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array, **_) -> Array:
+  """Per-group loop: row i uses rhs[g] iff start_g <= i < end_g."""
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  rows = jnp.arange(lhs.shape[0])
+  out = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
+  for g in range(rhs.shape[0]):
+    mask = (rows >= starts[g]) & (rows < ends[g])
+    y = jnp.dot(lhs, rhs[g], preferred_element_type=jnp.float32)
+    out = out + jnp.where(mask[:, None], y, 0.0)
+  return out.astype(lhs.dtype)
+
+
+def _ragged_dot(lhs, rhs, group_sizes, **_):
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+# ----------------------------------------------------------------------------- tiled XLA path
+@dataclasses.dataclass(frozen=True)
+class TileSchedule:
+  """Which (row tile, group) pairs do work. Static length; ``valid`` masks the padding pairs.
+
+  A group spanning rows [start, end) touches tiles floor(start/tm) .. floor((end-1)/tm); a tile
+  shared by two groups is visited once per group with a row mask. The same schedule drives
+  the forward (gmm) and both backward products, and is what a Pallas kernel reads.
+  """
+  tile: Array    # [P] row-tile index of each pair
+  group: Array   # [P] group index of each pair
+  valid: Array   # [P] bool
+  starts: Array  # [G] first row of each group
+  ends: Array    # [G] one past the last row of each group
+
+
+def make_tile_schedule(group_sizes: Array, num_rows: int, tile_m: int) -> TileSchedule:
+  num_groups = group_sizes.shape[0]
+  num_tiles = -(-num_rows // tile_m)
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  first = starts // tile_m
+  last = (ends - 1) // tile_m
+  tiles_per_group = jnp.where(group_sizes > 0, last - first + 1, 0)
+  num_pairs = num_tiles + num_groups - 1  # tight upper bound: each group boundary adds one pair
+  pair_group = jnp.repeat(jnp.arange(num_groups), tiles_per_group, total_repeat_length=num_pairs)
+  first_pair = jnp.cumsum(tiles_per_group) - tiles_per_group
+  pair = jnp.arange(num_pairs)
+  tile = first[pair_group] + pair - first_pair[pair_group]
+  valid = pair < jnp.sum(tiles_per_group)
+  tile = jnp.where(valid, tile, 0)
+  return TileSchedule(tile=tile, group=pair_group, valid=valid, starts=starts, ends=ends)
+
+
+def _row_mask(s: TileSchedule, p, tile_m):
+  rows = s.tile[p] * tile_m + jnp.arange(tile_m)
+  g = s.group[p]
+  return (rows >= s.starts[g]) & (rows < s.ends[g]) & s.valid[p]
+
+
+def _pad_rows(x, tile_m):
+  pad = (-x.shape[0]) % tile_m
+  return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+
+
+def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
+  m = lhs.shape[0]
+  tile_m = min(tile_m, max(m, 1))
+  s = make_tile_schedule(group_sizes, m, tile_m)
+  x = _pad_rows(lhs, tile_m)
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+  def body(p, out):
+    r0 = s.tile[p] * tile_m
+    xt = jax.lax.dynamic_slice_in_dim(x, r0, tile_m)
+    y = jax.lax.dot_general(xt, rhs[s.group[p]], dims, preferred_element_type=jnp.float32)
+    y = jnp.where(_row_mask(s, p, tile_m)[:, None], y, 0.0)
+    cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
+    return jax.lax.dynamic_update_slice_in_dim(out, cur + y, r0, axis=0)
+
+  out = jnp.zeros((x.shape[0], n), jnp.float32)
+  out = jax.lax.fori_loop(0, s.tile.shape[0], body, out)
+  return out[:m].astype(lhs.dtype)
+
+
+def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
+         tile_m: int = 128) -> Array:
+  """Transposed grouped matmul: out[g] = sum_{i in group g} lhs[i]^T grad[i] -> [G, K, N]."""
+  m = lhs.shape[0]
+  tile_m = min(tile_m, max(m, 1))
+  s = make_tile_schedule(group_sizes, m, tile_m)
+  x, dy = _pad_rows(lhs, tile_m), _pad_rows(grad, tile_m)
+
+  def body(p, acc):
+    r0 = s.tile[p] * tile_m
+    xt = jax.lax.dynamic_slice_in_dim(x, r0, tile_m)
+    xt = jnp.where(_row_mask(s, p, tile_m)[:, None], xt, jnp.zeros((), xt.dtype))
+    gt = jax.lax.dynamic_slice_in_dim(dy, r0, tile_m)
+    w = jax.lax.dot_general(xt, gt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    g = s.group[p]
+    return jax.lax.dynamic_update_index_in_dim(acc, acc[g] + w, g, axis=0)
+
+  acc = jnp.zeros((num_groups, lhs.shape[1], grad.shape[1]), jnp.float32)
+  return jax.lax.fori_loop(0, s.tile.shape[0], body, acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm_xla(lhs, rhs, group_sizes, tile_m=128):
+  return _tiled_gmm(lhs, rhs, group_sizes, tile_m)
+
+
+def _gmm_xla_fwd(lhs, rhs, group_sizes, tile_m):
+  return _tiled_gmm(lhs, rhs, group_sizes, tile_m), (lhs, rhs, group_sizes)
+
+
+def _gmm_xla_bwd(tile_m, res, dout):
+  lhs, rhs, group_sizes = res
+  dlhs = _tiled_gmm(dout, rhs, group_sizes, tile_m, transpose_rhs=True).astype(lhs.dtype)
+  drhs = tgmm(lhs, dout, group_sizes, rhs.shape[0], tile_m=tile_m).astype(rhs.dtype)
+  return dlhs, drhs, None
+
+
+gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
+
+register_backend("reference", gmm_reference)
+register_backend("ragged_dot", _ragged_dot)
+register_backend("xla", lambda lhs, rhs, gs, *, tile_m: gmm_xla(lhs, rhs, gs, tile_m))

@@ -1,0 +1,202 @@
+"""Training, evaluation and sampling loops: one readable file, the big_vision way.
+
+State is a plain dict {step, params, opt_state} so orbax saves and restores it as is. Every
+source of randomness is a function of (config.seed, step), and the data stream is random-access
+by step, so a resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from moejax import config as config_lib
+from moejax.models.transformer import ModelConfig, Transformer
+from moejax.train import data as data_lib
+from moejax.train import metrics as metrics_lib
+from moejax.train.checkpoint import Checkpointer
+from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.sampling import sample
+
+_MUTABLE = ["losses", "intermediates"]
+
+
+def build_model(config) -> Transformer:
+  return Transformer(ModelConfig.from_config(config.model))
+
+
+def init_params(model: Transformer, config, rng: jax.Array):
+  """Returns (params, logical_specs): unboxed f32 params and their logical axis names."""
+  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  boxed = model.init({"params": rng}, tokens)["params"]
+  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def init_state(model, config, tx):
+  params, _ = init_params(model, config, jax.random.fold_in(jax.random.key(config.seed), 0))
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def loss_fn(model, params, batch, rng, deterministic):
+  """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  logits, mutated = model.apply({"params": params}, inputs, deterministic=deterministic,
+                                rngs={"router": rng}, mutable=_MUTABLE)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
+  aux = jnp.asarray(aux, jnp.float32)
+  return ce + aux, (ce, aux, mutated.get("intermediates", {}))
+
+
+def make_train_step(model, tx, config):
+  schedule = learning_rate_schedule(config.train)
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng, False), has_aux=True)
+    (loss, (ce, aux, inter)), grads = grad_fn(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state["step"]), "moe": inter}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(model):
+  @jax.jit
+  def eval_step(params, batch):
+    _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
+    return ce, inter
+  return eval_step
+
+
+def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int) -> dict:
+  n = min(len(data.val), max_batches)
+  losses = [float(eval_step(params, data.val[i])[0]) for i in range(n)]
+  loss = float(np.mean(losses))
+  return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _describe(config, params) -> str:
+  m = config.model
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  kind = "dense" if m.moe.num_experts == 0 else (
+      f"MoE N={m.moe.num_experts} K={m.moe.top_k} m={m.moe.segments} "
+      f"shared={m.moe.num_shared_experts} router={m.moe.router} dispatch={m.moe.dispatch}")
+  return f"{kind}, {m.num_layers} layers, d_model={m.d_model}, {n_params / 1e6:.2f}M params"
+
+
+def _setup(config, workdir):
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  model = build_model(config)
+  tx = make_optimizer(config.train)
+  state = init_state(model, config, tx)
+  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+  return model, tx, state, ckpt
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates and samples."""
+  model, tx, state, ckpt = _setup(config, workdir)
+  data = data_lib.make_data(config.data, config.seed)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    print(f"resumed from {workdir} at step {int(state['step'])}", flush=True)
+  print(f"model: {_describe(config, state['params'])}", flush=True)
+  print(f"data: {data.source}: {data.num_train_tokens} train / {data.num_val_tokens} val tokens",
+        flush=True)
+
+  t = config.train
+  train_step, eval_step = make_train_step(model, tx, config), make_eval_step(model)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  start = int(state["step"])
+  timer_start, timer_step = None, start
+  last = {}
+  for step in range(start, t.steps):
+    state, metrics = train_step(state, data.batch(step))
+    done = step + 1
+    if timer_start is None:                    # exclude compilation from throughput and ETA
+      jax.block_until_ready(state["step"])
+      timer_start, timer_step = time.perf_counter(), done
+    if done % t.log_every == 0 or done == t.steps:
+      metrics = jax.device_get(metrics)
+      moe = metrics_lib.flatten_intermediates(metrics.pop("moe"))
+      elapsed = time.perf_counter() - timer_start
+      rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else float("nan")
+      last = {k: float(v) for k, v in metrics.items()}
+      last.update(metrics_lib.summarize_moe(moe))
+      last["tokens_per_sec"] = rate * tokens_per_step
+      writer.write(done, {"split": "train", **last, **moe})
+      moe_txt = (f" | drop {last['drop_fraction']:.2%} | H(router) {last['router_entropy']:.2f}"
+                 if "drop_fraction" in last else "")
+      eta = _fmt_time((t.steps - done) / rate) if rate == rate else "?"
+      print(f"step {done:>5}/{t.steps} | loss {last['loss']:.4f} (ce {last['ce']:.4f}, aux "
+            f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {last['tokens_per_sec']:,.0f} tok/s"
+            f"{moe_txt} | ETA {eta}", flush=True)
+    if done % t.eval_every == 0 and done != t.steps:
+      ev = evaluate(eval_step, state["params"], data, config.data.eval_batches)
+      writer.write(done, {"split": "val", **ev})
+      print(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}",
+            flush=True)
+    if done % t.checkpoint_every == 0 or done == t.steps:
+      ckpt.save(done, state)
+  ckpt.close()
+
+  ev = evaluate(eval_step, state["params"], data, config.data.eval_batches)
+  writer.write(int(state["step"]), {"split": "val", **ev})
+  print(f"final | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
+        f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
+  text = _sample_text(model, state["params"], config)
+  print(f"sample (temperature {config.sample.temperature}):\n{text}", flush=True)
+  return {"state": state, "train": last, "eval": ev, "sample": text}
+
+
+def _restored(config, workdir):
+  model, _, state, ckpt = _setup(config, workdir)
+  state = ckpt.restore(state)
+  ckpt.close()
+  return model, state
+
+
+def eval_only(config, workdir: str) -> dict:
+  model, state = _restored(config, workdir)
+  data = data_lib.make_data(config.data, config.seed)
+  ev = evaluate(make_eval_step(model), state["params"], data, config.data.eval_batches)
+  print(f"eval | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
+        f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
+  print(json.dumps(ev), flush=True)
+  return ev
+
+
+def _sample_text(model, params, config) -> str:
+  s = config.sample
+  tokens = sample(model, params, data_lib.encode(s.prompt), s.num_tokens, config.data.seq_len,
+                  s.temperature, jax.random.key(s.seed))
+  return data_lib.decode(tokens)
+
+
+def sample_only(config, workdir: str) -> str:
+  model, state = _restored(config, workdir)
+  text = _sample_text(model, state["params"], config)
+  print(text, flush=True)
+  return text
