@@ -8,10 +8,10 @@ WORKDIR ?= workdir/default
 
 .PHONY: install run test test-fast bench clean
 
-$(STAMP): requirements.txt setup.py
+$(STAMP): .ci/requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r .ci/requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

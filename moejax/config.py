@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 200
   t.checkpoint_every = 200
   t.keep_checkpoints = 2
+  t.max_steps_per_run = 0        # >0: stop (with a checkpoint) after this many steps; re-run
+                                 # `train` to resume. For job time limits and preemption drills.
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "The "
@@ -141,6 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
   _positive(t, "train", "steps", "learning_rate", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints")
+  _require(t.max_steps_per_run >= 0, "train.max_steps_per_run",
+           f"must be >= 0 (0 = no limit), got {t.max_steps_per_run}")
   _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
            f"must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
   _require(config.sample.temperature >= 0, "sample.temperature",

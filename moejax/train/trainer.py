@@ -66,7 +66,7 @@ def make_train_step(model, tx, config):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                  "opt_state": opt_state}
-    metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "moe": inter}
     return new_state, metrics
 
@@ -132,7 +132,8 @@ def train(config, workdir: str) -> dict:
   start = int(state["step"])
   timer_start, timer_step = None, start
   last = {}
-  for step in range(start, t.steps):
+  stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
+  for step in range(start, stop):
     state, metrics = train_step(state, data.batch(step))
     done = step + 1
     if timer_start is None:                    # exclude compilation from throughput and ETA
@@ -158,9 +159,13 @@ def train(config, workdir: str) -> dict:
       writer.write(done, {"split": "val", **ev})
       print(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}",
             flush=True)
-    if done % t.checkpoint_every == 0 or done == t.steps:
+    if done % t.checkpoint_every == 0 or done == stop:
       ckpt.save(done, state)
   ckpt.close()
+  if stop < t.steps:
+    print(f"stopped at step {stop}/{t.steps} (train.max_steps_per_run={t.max_steps_per_run}); "
+          f"run train again with --workdir={workdir} to resume", flush=True)
+    return {"state": state, "train": last, "eval": None, "sample": None}
 
   ev = evaluate(eval_step, state["params"], data, config.data.eval_batches)
   writer.write(int(state["step"]), {"split": "val", **ev})

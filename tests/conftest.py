@@ -1,0 +1,48 @@
+"""Shared test helpers: tiny configs and tolerances by dtype."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `configs` is a top-level package of the repo, not installed
+
+from moejax.config import base_config  # noqa: E402
+
+# Absolute tolerances for comparing against float64/float32 references.
+TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end tests (run by `make test`, skipped by "
+                                     "`make test-fast`)")
+
+
+def tiny_config(kind: str = "deepseekmoe"):
+  """A model small enough to compile and train in seconds."""
+  c = base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.ffn_hidden = 32, 2, 4, 2, 8, 64
+  e = m.moe
+  if kind == "dense":
+    e.num_experts = 0
+  elif kind == "switch":
+    e.num_experts, e.top_k, e.expert_hidden, e.dispatch, e.renormalize = 4, 1, 64, "capacity", False
+  elif kind == "gshard":
+    e.num_experts, e.top_k, e.expert_hidden, e.dispatch = 4, 2, 32, "capacity"
+  elif kind == "deepseekmoe":
+    e.num_experts, e.top_k, e.expert_hidden, e.segments, e.num_shared_experts = 4, 2, 32, 2, 1
+    e.renormalize = False
+  else:
+    raise ValueError(kind)
+  c.data.corpus_bytes, c.data.seq_len, c.data.batch_size, c.data.eval_batches = 40_000, 16, 4, 2
+  t = c.train
+  t.steps, t.warmup_steps, t.log_every, t.eval_every, t.checkpoint_every = 8, 2, 2, 4, 4
+  c.sample.num_tokens = 8
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

@@ -1,0 +1,71 @@
+"""Auxiliary losses and metrics against their equations in NumPy."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.layers import losses
+from moejax.layers.routers import RoutingResult, topk_softmax
+
+
+def _routing(t=64, e=8, k=2, seed=0, skew=0.0):
+  logits = np.random.default_rng(seed).normal(size=(t, e))
+  logits[:, 0] += skew
+  return topk_softmax(jnp.asarray(logits, jnp.float32), k, True), logits
+
+
+def _counts(idx, e):
+  return np.array([(idx == i).sum() for i in range(e)], np.float64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_load_balance_switch_and_deepseek_expert_level(k):
+  r, _ = _routing(k=k, skew=1.5)
+  idx, p = np.asarray(r.expert_index), np.asarray(r.probs, np.float64)
+  t, e = p.shape
+  # Switch: N * sum_i f_i P_i with f_i = count_i / (T k).
+  switch = e * np.sum(_counts(idx, e) / (t * k) * p.mean(0))
+  # DeepSeekMoE eq. 12-14: sum_i f'_i P_i, f'_i = N'/(K'T) count_i.
+  deepseek = np.sum(e / (k * t) * _counts(idx, e) * p.mean(0))
+  np.testing.assert_allclose(losses.load_balance_loss(r), switch, rtol=1e-5)
+  np.testing.assert_allclose(switch, deepseek, rtol=1e-12)
+
+
+def test_load_balance_is_one_when_uniform_and_larger_when_skewed():
+  t, e = 8, 4
+  idx = jnp.arange(t)[:, None] % e
+  r = RoutingResult(expert_index=idx.astype(jnp.int32), weight=jnp.ones((t, 1)),
+                    probs=jnp.full((t, e), 1 / e), logits=jnp.zeros((t, e)))
+  np.testing.assert_allclose(losses.load_balance_loss(r), 1.0, rtol=1e-6)
+  skewed, _ = _routing(skew=4.0)
+  assert float(losses.load_balance_loss(skewed)) > 1.5
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_device_balance_matches_deepseek_eq_15_17(groups):
+  r, _ = _routing(e=8, k=2, skew=2.0, seed=3)
+  idx, p = np.asarray(r.expert_index), np.asarray(r.probs, np.float64)
+  t, e = p.shape
+  f = e / (2 * t) * _counts(idx, e)
+  members = np.split(np.arange(e), groups)
+  want = sum(f[m].mean() * p.mean(0)[m].sum() for m in members)
+  np.testing.assert_allclose(losses.device_balance_loss(r, groups), want, rtol=1e-5)
+
+
+def test_device_balance_rejects_groups_that_do_not_divide():
+  r, _ = _routing(e=8)
+  with pytest.raises(ValueError, match="num_device_groups=3"):
+    losses.device_balance_loss(r, 3)
+
+
+def test_z_loss_and_entropy():
+  r, logits = _routing(seed=5)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(losses.router_z_loss(r), np.mean(lse ** 2), rtol=1e-5)
+  p = np.asarray(r.probs, np.float64)
+  np.testing.assert_allclose(losses.router_entropy(r), np.mean(-(p * np.log(p)).sum(-1)),
+                             rtol=1e-5)
+
+
+def test_counts_ignore_unused_slots():
+  idx = jnp.array([[0, -1], [2, 2], [-1, -1]], jnp.int32)
+  np.testing.assert_array_equal(losses.expert_counts(idx, 3), [1, 0, 2])
