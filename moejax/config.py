@@ -15,8 +15,7 @@ from moejax.layers.routers import ROUTERS
 from moejax.ops.grouped_matmul import backends as gmm_backends
 
 
-class ConfigError(ValueError):
-  """A setting that cannot work; the message names the key and the allowed values."""
+from moejax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.gmm_backend = "auto"
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
+
+  # Device mesh (see moejax/parallel/mesh.py); one axis may be -1 = "all remaining devices".
+  # num_devices: -1 = every device; n = the first n (e.g. a single-device reference run).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, num_devices=-1))
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ""                    # text file; "" = the embedded generated corpus
@@ -135,6 +138,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for w in ("load_balance_weight", "device_balance_weight", "z_loss_weight",
               "jitter_eps", "noise_std"):
       _require(e[w] >= 0, f"model.moe.{w}", f"must be >= 0, got {e[w]}")
+
+  sizes = [config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")]
+  for a, v in zip(("data", "fsdp", "expert", "tensor"), sizes):
+    _require(isinstance(v, int) and (v == -1 or v > 0), f"mesh.{a}",
+             f"must be a positive size or -1 (fill), got {v!r}")
+  _require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+  n = config.mesh.num_devices
+  _require(isinstance(n, int) and (n == -1 or n > 0), "mesh.num_devices",
+           f"must be a positive count or -1 (all devices), got {n!r}")
 
   if d.path:
     _require(os.path.isfile(d.path), "data.path", f"file not found: {d.path!r} "

@@ -2,7 +2,13 @@
 import os
 import sys
 
-import pytest
+# 8 simulated CPU devices for the sharding tests; must be set before JAX is imported. Tests that
+# do not build a mesh run on device 0 as usual.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -32,7 +38,9 @@ def tiny_config(kind: str = "deepseekmoe"):
   elif kind == "gshard":
     e.num_experts, e.top_k, e.expert_hidden, e.dispatch = 4, 2, 32, "capacity"
   elif kind == "deepseekmoe":
-    e.num_experts, e.top_k, e.expert_hidden, e.segments, e.num_shared_experts = 4, 2, 32, 2, 1
+    # m=2 segments of 5 experts = 10 fine experts: 2 shared + 8 routed (divisible by 2, 4, 8
+    # for expert parallelism), 2 routed active, hidden 16 each.
+    e.num_experts, e.top_k, e.expert_hidden, e.segments, e.num_shared_experts = 5, 2, 32, 2, 2
     e.renormalize = False
   else:
     raise ValueError(kind)
@@ -40,6 +48,7 @@ def tiny_config(kind: str = "deepseekmoe"):
   t = c.train
   t.steps, t.warmup_steps, t.log_every, t.eval_every, t.checkpoint_every = 8, 2, 2, 4, 4
   c.sample.num_tokens = 8
+  c.mesh.num_devices = 1           # single device unless a test asks for a mesh
   return c
 
 

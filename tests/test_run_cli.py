@@ -15,6 +15,7 @@ TINY = [
     "--config.data.eval_batches=2", "--config.train.steps=30", "--config.train.warmup_steps=5",
     "--config.train.log_every=10", "--config.train.eval_every=20",
     "--config.train.checkpoint_every=20", "--config.sample.num_tokens=16",
+    "--config.mesh.num_devices=1",
 ]
 
 

@@ -1,7 +1,8 @@
 """Causal grouped-query self-attention (Ainslie et al. 2023, GQA) with RoPE.
 
 H query heads share G = num_kv_heads key/value heads (H % G == 0); G = H is multi-head attention,
-G = 1 multi-query. Scores and softmax in f32.
+G = 1 multi-query. Scores and softmax in f32. Projections are explicit [D, heads, head_dim]
+weights so each axis carries its logical name.
 """
 from __future__ import annotations
 
@@ -14,12 +15,6 @@ from moejax.layers.rope import apply_rope
 Array = jax.Array
 
 
-def _proj(features, axes, name, dtype, in_axes=-1):
-  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-  return nn.DenseGeneral(features, axis=in_axes, use_bias=False, name=name, dtype=dtype,
-                         kernel_init=nn.with_logical_partitioning(init, axes))
-
-
 class Attention(nn.Module):
   num_heads: int
   num_kv_heads: int
@@ -27,19 +22,29 @@ class Attention(nn.Module):
   rope_theta: float = 10000.0
   dtype: jnp.dtype = jnp.float32
 
+  def _weight(self, name, shape, axes, fan_in_axes):
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=fan_in_axes, out_axis=-1)
+    w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    return w.astype(self.dtype)
+
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
     b, l, d = x.shape
     h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    q = _proj((h, dh), ("embed", "heads", "kv"), "query", self.dtype)(x)
-    k = _proj((g, dh), ("embed", "kv_heads", "kv"), "key", self.dtype)(x)
-    v = _proj((g, dh), ("embed", "kv_heads", "kv"), "value", self.dtype)(x)
-    q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
-    q = q.reshape(b, l, g, h // g, dh).astype(self.dtype)
-    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k.astype(self.dtype),
+    x = x.astype(self.dtype)
+    wq = self._weight("query", (d, h, dh), ("embed", "heads", "kv"), 0)
+    wk = self._weight("key", (d, g, dh), ("embed", "kv_heads", "kv"), 0)
+    wv = self._weight("value", (d, g, dh), ("embed", "kv_heads", "kv"), 0)
+    wo = self._weight("out", (h, dh, d), ("heads", "kv", "embed"), (0, 1))
+    q = apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), positions, self.rope_theta)
+    k = apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), positions, self.rope_theta)
+    v = jnp.einsum("bld,dhk->blhk", x, wv)
+    q = q.reshape(b, l, g, h // g, dh)
+    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
     causal = positions[:, None, None, :, None] >= positions[:, None, None, None, :]
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v.astype(self.dtype)).reshape(b, l, h, dh)
-    return _proj(d, ("heads", "kv", "embed"), "out", self.dtype, in_axes=(-2, -1))(out).astype(self.dtype)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
+    return jnp.einsum("blhk,hkd->bld", out, wo)

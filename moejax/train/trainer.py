@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from moejax import config as config_lib
 from moejax.models.transformer import ModelConfig, Transformer
+from moejax.parallel import sharding as sharding_lib
+from moejax.parallel.mesh import batch_axes_size, make_mesh
+from moejax.parallel.rules import LOGICAL_AXIS_RULES
 from moejax.train import data as data_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train.checkpoint import Checkpointer
@@ -32,30 +36,60 @@ def build_model(config) -> Transformer:
   return Transformer(ModelConfig.from_config(config.model))
 
 
+def _init_tokens(config):
+  return jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+
 def init_params(model: Transformer, config, rng: jax.Array):
   """Returns (params, logical_specs): unboxed f32 params and their logical axis names."""
-  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  boxed = model.init({"params": rng}, tokens)["params"]
+  boxed = model.init({"params": rng}, _init_tokens(config))["params"]
   return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def init_state(model, config, tx):
-  params, _ = init_params(model, config, jax.random.fold_in(jax.random.key(config.seed), 0))
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_state(model, config, tx, mesh: Mesh):
+  """Initialises {step, params, opt_state} directly into its shardings on ``mesh``.
+
+  Returns (state, shardings, logical_specs). Nothing is materialised unsharded, so a model
+  larger than one device's memory initialises fine.
+  """
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  tokens = _init_tokens(config)
+  specs = nn.get_partition_spec(
+      jax.eval_shape(lambda r: model.init({"params": r}, tokens)["params"], rng))
+
+  def _init(r):
+    params = nn.meta.unbox(model.init({"params": r}, tokens)["params"])
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  shape = jax.eval_shape(_init, rng)
+  sharding_lib.check_divisible(shape["params"], specs, mesh)
+  shardings = sharding_lib.state_shardings(shape, specs, tx, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(_init, out_shardings=shardings)(rng)
+  return state, shardings, specs
 
 
 def loss_fn(model, params, batch, rng, deterministic):
   """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  logits, mutated = model.apply({"params": params}, inputs, deterministic=deterministic,
-                                rngs={"router": rng}, mutable=_MUTABLE)
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    logits, mutated = model.apply({"params": params}, inputs, deterministic=deterministic,
+                                  rngs={"router": rng}, mutable=_MUTABLE)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
   aux = jnp.asarray(aux, jnp.float32)
   return ce + aux, (ce, aux, mutated.get("intermediates", {}))
 
 
-def make_train_step(model, tx, config):
+def _on_mesh(fn, mesh):
+  """Runs a jitted function with ``mesh`` current, so logical constraints resolve on it."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
+def make_train_step(model, tx, config, shardings, mesh: Mesh):
   schedule = learning_rate_schedule(config.train)
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
@@ -70,20 +104,27 @@ def make_train_step(model, tx, config):
                "lr": schedule(state["step"]), "moe": inter}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  step = jax.jit(train_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+  return _on_mesh(step, mesh)
 
 
-def make_eval_step(model):
-  @jax.jit
+def make_eval_step(model, shardings, mesh: Mesh):
   def eval_step(params, batch):
     _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
     return ce, inter
-  return eval_step
+  step = jax.jit(eval_step, in_shardings=(shardings["params"], sharding_lib.batch_sharding(mesh)))
+  return _on_mesh(step, mesh)
 
 
-def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int) -> dict:
+def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """This process's rows -> one global array sharded over the batch axes (multi-host safe)."""
+  return jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh), batch)
+
+
+def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int, mesh: Mesh) -> dict:
   n = min(len(data.val), max_batches)
-  losses = [float(eval_step(params, data.val[i])[0]) for i in range(n)]
+  losses = [float(eval_step(params, put_batch(data.val[i], mesh))[0]) for i in range(n)]
   loss = float(np.mean(losses))
   return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
 
@@ -102,20 +143,36 @@ def _describe(config, params) -> str:
   return f"{kind}, {m.num_layers} layers, d_model={m.d_model}, {n_params / 1e6:.2f}M params"
 
 
-def _setup(config, workdir):
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  model = build_model(config)
-  tx = make_optimizer(config.train)
-  state = init_state(model, config, tx)
-  ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-  return model, tx, state, ckpt
+class _Run:
+  """What every mode needs: validated config, mesh, model, optimizer, sharded state, data."""
+
+  def __init__(self, config, workdir):
+    config_lib.validate(config)
+    self.mesh = make_mesh(config.mesh)
+    ways, procs = batch_axes_size(self.mesh), jax.process_count()
+    if config.data.batch_size % ways or config.data.batch_size % procs:
+      raise config_lib.ConfigError(
+          f"config.data.batch_size: must be divisible by the batch-splitting mesh axes "
+          f"(data*fsdp*expert = {ways}) and the process count ({procs}), "
+          f"got {config.data.batch_size}")
+    os.makedirs(workdir, exist_ok=True)
+    self.config, self.workdir = config, workdir
+    self.model = build_model(config)
+    self.tx = make_optimizer(config.train)
+    self.state, self.shardings, self.specs = init_state(self.model, config, self.tx, self.mesh)
+    self.ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
+    self.data = data_lib.make_data(config.data, config.seed, jax.process_index(), procs)
+    self.eval_step = make_eval_step(self.model, self.shardings, self.mesh)
+
+  def evaluate(self):
+    return evaluate(self.eval_step, self.state["params"], self.data, self.config.data.eval_batches,
+                    self.mesh)
 
 
 def train(config, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates and samples."""
-  model, tx, state, ckpt = _setup(config, workdir)
-  data = data_lib.make_data(config.data, config.seed)
+  run = _Run(config, workdir)
+  model, tx, state, ckpt, data, mesh = run.model, run.tx, run.state, run.ckpt, run.data, run.mesh
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   if ckpt.latest_step() is not None:
@@ -126,7 +183,9 @@ def train(config, workdir: str) -> dict:
         flush=True)
 
   t = config.train
-  train_step, eval_step = make_train_step(model, tx, config), make_eval_step(model)
+  print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices, "
+        f"{jax.process_count()} process(es)", flush=True)
+  train_step = make_train_step(model, tx, config, run.shardings, mesh)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   start = int(state["step"])
@@ -134,7 +193,7 @@ def train(config, workdir: str) -> dict:
   last = {}
   stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
   for step in range(start, stop):
-    state, metrics = train_step(state, data.batch(step))
+    state, metrics = train_step(state, put_batch(data.batch(step), mesh))
     done = step + 1
     if timer_start is None:                    # exclude compilation from throughput and ETA
       jax.block_until_ready(state["step"])
@@ -155,7 +214,8 @@ def train(config, workdir: str) -> dict:
             f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {last['tokens_per_sec']:,.0f} tok/s"
             f"{moe_txt} | ETA {eta}", flush=True)
     if done % t.eval_every == 0 and done != t.steps:
-      ev = evaluate(eval_step, state["params"], data, config.data.eval_batches)
+      run.state = state
+      ev = run.evaluate()
       writer.write(done, {"split": "val", **ev})
       print(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}",
             flush=True)
@@ -167,26 +227,37 @@ def train(config, workdir: str) -> dict:
           f"run train again with --workdir={workdir} to resume", flush=True)
     return {"state": state, "train": last, "eval": None, "sample": None}
 
-  ev = evaluate(eval_step, state["params"], data, config.data.eval_batches)
+  run.state = state
+  ev = run.evaluate()
   writer.write(int(state["step"]), {"split": "val", **ev})
   print(f"final | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
         f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
+  if jax.process_index() == 0:
+    print(f"plots: {_plot(workdir)}", flush=True)
   text = _sample_text(model, state["params"], config)
   print(f"sample (temperature {config.sample.temperature}):\n{text}", flush=True)
   return {"state": state, "train": last, "eval": ev, "sample": text}
 
 
-def _restored(config, workdir):
-  model, _, state, ckpt = _setup(config, workdir)
-  state = ckpt.restore(state)
-  ckpt.close()
-  return model, state
+def _plot(workdir: str) -> str:
+  try:
+    from moejax.analysis.plots import plot_run
+    return plot_run(workdir)
+  except ImportError as e:  # matplotlib is optional for library users
+    return f"skipped ({e})"
+
+
+def _restored(config, workdir) -> _Run:
+  run = _Run(config, workdir)
+  run.state = run.ckpt.restore(run.state)
+  run.ckpt.close()
+  return run
 
 
 def eval_only(config, workdir: str) -> dict:
-  model, state = _restored(config, workdir)
-  data = data_lib.make_data(config.data, config.seed)
-  ev = evaluate(make_eval_step(model), state["params"], data, config.data.eval_batches)
+  run = _restored(config, workdir)
+  state = run.state
+  ev = run.evaluate()
   print(f"eval | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
         f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
   print(json.dumps(ev), flush=True)
@@ -201,7 +272,7 @@ def _sample_text(model, params, config) -> str:
 
 
 def sample_only(config, workdir: str) -> str:
-  model, state = _restored(config, workdir)
-  text = _sample_text(model, state["params"], config)
+  run = _restored(config, workdir)
+  text = _sample_text(run.model, run.state["params"], config)
   print(text, flush=True)
   return text

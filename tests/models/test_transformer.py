@@ -47,9 +47,9 @@ def test_gqa_attention_matches_numpy():
   p = nn.meta.unbox(attn.init(jax.random.key(1), x, pos)["params"])
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   xn = np.asarray(x[0], np.float64)
-  q = np_rope(np.einsum("ld,dhk->lhk", xn, p["query"]["kernel"]), np.arange(l))
-  k = np_rope(np.einsum("ld,dhk->lhk", xn, p["key"]["kernel"]), np.arange(l))
-  v = np.einsum("ld,dhk->lhk", xn, p["value"]["kernel"])
+  q = np_rope(np.einsum("ld,dhk->lhk", xn, p["query"]), np.arange(l))
+  k = np_rope(np.einsum("ld,dhk->lhk", xn, p["key"]), np.arange(l))
+  v = np.einsum("ld,dhk->lhk", xn, p["value"])
   out = np.zeros((l, h, dh))
   for head in range(h):
     kv = head // (h // g)                          # query head -> its shared kv head
@@ -57,7 +57,7 @@ def test_gqa_attention_matches_numpy():
     s = np.where(np.tril(np.ones((l, l))) > 0, s, -np.inf)
     w = np.exp(s - s.max(-1, keepdims=True))
     out[:, head] = (w / w.sum(-1, keepdims=True)) @ v[:, kv]
-  want = np.einsum("lhk,hkd->ld", out, p["out"]["kernel"])
+  want = np.einsum("lhk,hkd->ld", out, p["out"])
   np.testing.assert_allclose(attn.apply({"params": p}, x, pos)[0], want, rtol=1e-5, atol=1e-5)
 
 

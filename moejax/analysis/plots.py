@@ -1,0 +1,45 @@
+"""Plots of a training run from its ``metrics.jsonl``: loss curves and per-layer expert load.
+
+The expert-load panel shows, for each MoE layer, the share of routed slots each expert received
+at the last logged step; a flat row is a balanced layer, a bright column a collapsed one.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from moejax.train.metrics import read_metrics
+
+
+def plot_run(workdir: str, out_path: str | None = None) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  loads = {k.split("/")[0]: v for k, v in (train[-1].items() if train else [])
+           if k.endswith("/expert_load")}
+  fig, axes = plt.subplots(1, 2 if loads else 1, figsize=(11 if loads else 6, 4), squeeze=False)
+  ax = axes[0, 0]
+  ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
+  if val:
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+  ax.set(xlabel="step", ylabel="nats / token", title="loss")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if loads:
+    names = sorted(loads, key=lambda n: int(n.split("_")[-1]))
+    grid = np.array([loads[n] for n in names])
+    ax = axes[0, 1]
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set(xlabel="expert", yticks=range(len(names)), yticklabels=names,
+           title=f"expert load at step {train[-1]['step']} (uniform = {1 / grid.shape[1]:.3f})")
+    fig.colorbar(im, ax=ax, label="share of routed slots")
+  fig.tight_layout()
+  out_path = out_path or os.path.join(workdir, "run.png")
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
