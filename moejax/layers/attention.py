@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from moejax.layers.dense import kernel_init
 from moejax.layers.rope import apply_rope
 
 Array = jax.Array
@@ -22,9 +23,8 @@ class Attention(nn.Module):
   rope_theta: float = 10000.0
   dtype: jnp.dtype = jnp.float32
 
-  def _weight(self, name, shape, axes, fan_in_axes):
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=fan_in_axes, out_axis=-1)
+  def _weight(self, name, shape, axes, in_axis, out_axis):
+    init = kernel_init(in_axis, out_axis)
     w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
     return w.astype(self.dtype)
 
@@ -33,10 +33,10 @@ class Attention(nn.Module):
     b, l, d = x.shape
     h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
     x = x.astype(self.dtype)
-    wq = self._weight("query", (d, h, dh), ("embed", "heads", "kv"), 0)
-    wk = self._weight("key", (d, g, dh), ("embed", "kv_heads", "kv"), 0)
-    wv = self._weight("value", (d, g, dh), ("embed", "kv_heads", "kv"), 0)
-    wo = self._weight("out", (h, dh, d), ("heads", "kv", "embed"), (0, 1))
+    wq = self._weight("query", (d, h, dh), ("embed", "heads", "kv"), 0, (1, 2))
+    wk = self._weight("key", (d, g, dh), ("embed", "kv_heads", "kv"), 0, (1, 2))
+    wv = self._weight("value", (d, g, dh), ("embed", "kv_heads", "kv"), 0, (1, 2))
+    wo = self._weight("out", (h, dh, d), ("heads", "kv", "embed"), (0, 1), 2)
     q = apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), positions, self.rope_theta)
     k = apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), positions, self.rope_theta)
     v = jnp.einsum("bld,dhk->blhk", x, wv)

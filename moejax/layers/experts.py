@@ -31,9 +31,9 @@ class SwiGLUExperts(nn.Module):
   def __call__(self, xs: Array, group_sizes: Array) -> Array:
     e, h, d = self.num_experts, self.hidden, xs.shape[-1]
     wi = self.param("wi", nn.with_logical_partitioning(
-        kernel_init((1,)), ("expert", "embed", None, "mlp")), (e, d, 2, h), jnp.float32)
+        kernel_init(1, (2, 3), 0), ("expert", "embed", None, "mlp")), (e, d, 2, h), jnp.float32)
     wo = self.param("wo", nn.with_logical_partitioning(
-        kernel_init((1,)), ("expert", "mlp", "embed")), (e, h, d), jnp.float32)
+        kernel_init(1, 2, 0), ("expert", "mlp", "embed")), (e, h, d), jnp.float32)
     xs = xs.astype(self.dtype)
     up = gmm(xs, wi.astype(self.dtype).reshape(e, d, 2 * h), group_sizes,
              backend=self.gmm_backend)

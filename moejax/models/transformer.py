@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.layers.attention import Attention
-from moejax.layers.dense import SwiGLU
+from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.moe import MoEBlock, MoESpec
 from moejax.layers.norms import RMSNorm
 
@@ -93,7 +93,7 @@ class Transformer(nn.Module):
       x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic)
     x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     unembed = self.param("unembed", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), ("embed", "vocab")),
+        kernel_init(0, 1), ("embed", "vocab")),
                          (c.d_model, c.vocab_size), jnp.float32)
     return jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype),
                       preferred_element_type=jnp.float32)

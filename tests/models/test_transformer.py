@@ -99,3 +99,24 @@ def test_bfloat16_compute_close_to_float32():
   b = m16.apply({"params": params}, tokens)
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(jax.nn.softmax(a), jax.nn.softmax(b), atol=5e-2)
+
+
+def test_init_variance_is_one_over_true_fan_in():
+  """Each projection's weights have std ~ 1/sqrt(fan_in), fan_in = its input width only (an
+  expert bank must not count its expert axis, nor a fused gate/up its "2" axis)."""
+  c = tiny_config("deepseekmoe")
+  c.model.d_model, c.model.moe.expert_hidden = 64, 256
+  model = Transformer(ModelConfig.from_config(c.model))
+  p = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  d, h = 64, 128
+  layer = p["layer_0"]
+  fan_in = {("moe", "experts", "wi"): d, ("moe", "experts", "wo"): h, ("moe", "shared", "wi"): d,
+            ("moe", "shared", "wo"): 2 * h, ("attn", "query"): d, ("attn", "key"): d,
+            ("attn", "out"): 4 * 8}
+  for path, n in fan_in.items():
+    w = layer
+    for k in path:
+      w = w[k]
+    # truncated normal at 2 std has std 0.88 of the untruncated one; flax rescales to match.
+    np.testing.assert_allclose(np.std(np.asarray(w)), 1 / np.sqrt(n), rtol=0.1, err_msg=str(path))
+  np.testing.assert_allclose(np.std(np.asarray(p["unembed"])), 1 / np.sqrt(d), rtol=0.1)
