@@ -2,7 +2,8 @@
 
 The training stream is random-access: ``batch(step)`` depends only on (seed, step), so resuming
 from a checkpoint at step s continues with exactly the batches an uninterrupted run would see,
-without saving iterator state. Windows are non-overlapping [seq_len + 1] slices, reshuffled
+without saving iterator state, and every process of a multi-host run reads its own rows of the
+same global batch. Windows are non-overlapping [seq_len + 1] slices, reshuffled
 every epoch; validation windows come from the held-out tail of the text, in order.
 """
 from __future__ import annotations
@@ -41,14 +42,29 @@ class _Windows:
 
 @dataclasses.dataclass
 class TextData:
-  train: grain.MapDataset        # infinite; train[step] -> [B, L+1] int32
-  val: grain.MapDataset          # finite;   val[i]     -> [B, L+1] int32
+  """Global batches by index: ``batch(step)`` is the same [B, L+1] array however many processes
+  or devices read it; a device reads only its ``rows`` (so multi-host runs reproduce one host)."""
+  train_windows: grain.MapDataset   # infinite, shuffled per epoch
+  val_windows: grain.MapDataset     # finite, in order
+  batch_size: int
+  seq_len: int
   num_train_tokens: int
   num_val_tokens: int
   source: str
 
-  def batch(self, step: int) -> np.ndarray:
-    return self.train[step]
+  def batch(self, step: int, rows=None) -> np.ndarray:
+    return self._read(self.train_windows, step, rows)
+
+  def val_batch(self, i: int, rows=None) -> np.ndarray:
+    return self._read(self.val_windows, i, rows)
+
+  @property
+  def num_val_batches(self) -> int:
+    return len(self.val_windows) // self.batch_size
+
+  def _read(self, windows, i, rows):
+    rows = range(self.batch_size) if rows is None else rows
+    return np.stack([windows[i * self.batch_size + r] for r in rows]).astype(np.int32)
 
 
 def load_text(data_cfg, seed: int) -> tuple[str, str]:
@@ -58,8 +74,7 @@ def load_text(data_cfg, seed: int) -> tuple[str, str]:
   return generate_corpus(data_cfg.corpus_bytes, seed), f"generated corpus ({data_cfg.corpus_bytes} bytes)"
 
 
-def make_data(data_cfg, seed: int, shard_index: int = 0, shard_count: int = 1) -> TextData:
-  """Builds train/val pipelines. ``shard_*`` split windows across processes (multi-host)."""
+def make_data(data_cfg, seed: int) -> TextData:
   text, source = load_text(data_cfg, seed)
   tokens = encode(text)
   n_val = int(len(tokens) * data_cfg.val_fraction)
@@ -71,10 +86,8 @@ def make_data(data_cfg, seed: int, shard_index: int = 0, shard_count: int = 1) -
           f"config.data: the {name} split of {source} has {len(part)} tokens, fewer than one "
           f"batch (batch_size*(seq_len+1) = {need}); use a longer text, smaller "
           f"data.batch_size/data.seq_len, or another data.val_fraction")
-  per_shard = data_cfg.batch_size // shard_count
-  train = (grain.MapDataset.source(_Windows(train_tok, data_cfg.seq_len))[shard_index::shard_count]
-           .shuffle(seed=seed).repeat().batch(per_shard, drop_remainder=True))
-  val = (grain.MapDataset.source(_Windows(val_tok, data_cfg.seq_len))[shard_index::shard_count]
-         .batch(per_shard, drop_remainder=True))
-  return TextData(train=train, val=val, num_train_tokens=len(train_tok),
-                  num_val_tokens=len(val_tok), source=source)
+  train = grain.MapDataset.source(_Windows(train_tok, data_cfg.seq_len)).shuffle(seed=seed).repeat()
+  val = grain.MapDataset.source(_Windows(val_tok, data_cfg.seq_len))
+  return TextData(train_windows=train, val_windows=val, batch_size=data_cfg.batch_size,
+                  seq_len=data_cfg.seq_len,
+                  num_train_tokens=len(train_tok), num_val_tokens=len(val_tok), source=source)

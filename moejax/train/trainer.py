@@ -117,14 +117,34 @@ def make_eval_step(model, shardings, mesh: Mesh):
   return _on_mesh(step, mesh)
 
 
-def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
-  """This process's rows -> one global array sharded over the batch axes (multi-host safe)."""
-  return jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh), batch)
+def put_batch(read_rows, batch_size: int, seq_len: int, mesh: Mesh) -> jax.Array:
+  """Global [B, L+1] batch sharded over the batch axes; each device reads only its own rows via
+  ``read_rows(rows)``, so a process never touches rows that live on other hosts."""
+  cache = {}
+
+  def shard(index):
+    rows = range(*index[0].indices(batch_size))
+    if rows not in cache:                 # devices that replicate a slice read it once
+      cache[rows] = read_rows(rows)
+    return cache[rows]
+
+  return jax.make_array_from_callback((batch_size, seq_len + 1),
+                                      sharding_lib.batch_sharding(mesh), shard)
+
+
+def train_batch(data: data_lib.TextData, step: int, mesh: Mesh) -> jax.Array:
+  return put_batch(lambda rows: data.batch(step, rows), data.batch_size,
+                   data.seq_len, mesh)
+
+
+def val_batch(data: data_lib.TextData, i: int, mesh: Mesh) -> jax.Array:
+  return put_batch(lambda rows: data.val_batch(i, rows), data.batch_size,
+                   data.seq_len, mesh)
 
 
 def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int, mesh: Mesh) -> dict:
-  n = min(len(data.val), max_batches)
-  losses = [float(eval_step(params, put_batch(data.val[i], mesh))[0]) for i in range(n)]
+  n = min(data.num_val_batches, max_batches)
+  losses = [float(eval_step(params, val_batch(data, i, mesh))[0]) for i in range(n)]
   loss = float(np.mean(losses))
   return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
 
@@ -149,19 +169,18 @@ class _Run:
   def __init__(self, config, workdir):
     config_lib.validate(config)
     self.mesh = make_mesh(config.mesh)
-    ways, procs = batch_axes_size(self.mesh), jax.process_count()
-    if config.data.batch_size % ways or config.data.batch_size % procs:
+    ways = batch_axes_size(self.mesh)
+    if config.data.batch_size % ways:
       raise config_lib.ConfigError(
           f"config.data.batch_size: must be divisible by the batch-splitting mesh axes "
-          f"(data*fsdp*expert = {ways}) and the process count ({procs}), "
-          f"got {config.data.batch_size}")
+          f"(data*fsdp*expert = {ways}), got {config.data.batch_size}")
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     self.model = build_model(config)
     self.tx = make_optimizer(config.train)
     self.state, self.shardings, self.specs = init_state(self.model, config, self.tx, self.mesh)
     self.ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-    self.data = data_lib.make_data(config.data, config.seed, jax.process_index(), procs)
+    self.data = data_lib.make_data(config.data, config.seed)
     self.eval_step = make_eval_step(self.model, self.shardings, self.mesh)
 
   def evaluate(self):
@@ -193,7 +212,7 @@ def train(config, workdir: str) -> dict:
   last = {}
   stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
   for step in range(start, stop):
-    state, metrics = train_step(state, put_batch(data.batch(step), mesh))
+    state, metrics = train_step(state, train_batch(data, step, mesh))
     done = step + 1
     if timer_start is None:                    # exclude compilation from throughput and ETA
       jax.block_until_ready(state["step"])

@@ -48,13 +48,12 @@ def _loss_and_grads(config, skew):
   params = run.state["params"]
   if skew:
     params = _skew(params)
-  batch = run.data.batch(3)
   fn = jax.jit(jax.value_and_grad(
       lambda p, b: trainer.loss_fn(run.model, p, b, jax.random.key(1), False), has_aux=True),
       in_shardings=(run.shardings["params"], sharding_lib.batch_sharding(run.mesh)),
       out_shardings=((None, None), run.shardings["params"]))
   with jax.set_mesh(run.mesh):
-    (loss, (ce, aux, inter)), grads = fn(params, trainer.put_batch(batch, run.mesh))
+    (loss, (ce, aux, inter)), grads = fn(params, trainer.train_batch(run.data, 3, run.mesh))
   drops = [float(v) for k, v in jax.tree_util.tree_flatten_with_path(inter)[0]
            if "num_dropped" in jax.tree_util.keystr(k)]
   return float(loss), float(aux), jax.device_get(grads), grads, drops
@@ -107,11 +106,11 @@ def test_checkpoint_restores_across_meshes(tmp_path):
   wd = str(tmp_path)
   src = trainer._Run(_config("gshard", MESHES["data2_expert4"]), wd)
   step = trainer.make_train_step(src.model, src.tx, src.config, src.shardings, src.mesh)
-  state, _ = step(src.state, trainer.put_batch(src.data.batch(0), src.mesh))
+  state, _ = step(src.state, trainer.train_batch(src.data, 0, src.mesh))
   src.ckpt.save(1, state)
   src.ckpt.close()
   saved = jax.device_get(state)
-  _, next_metrics = step(state, trainer.put_batch(src.data.batch(1), src.mesh))
+  _, next_metrics = step(state, trainer.train_batch(src.data, 1, src.mesh))
 
   for mesh in [None, dict(data=2, fsdp=2, expert=2, tensor=1)]:
     dst = trainer._Run(_config("gshard", mesh), wd)
@@ -121,7 +120,7 @@ def test_checkpoint_restores_across_meshes(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
       assert a.sharding.is_equivalent_to(s, a.ndim)
     dst_step = trainer.make_train_step(dst.model, dst.tx, dst.config, dst.shardings, dst.mesh)
-    _, m = dst_step(restored, trainer.put_batch(dst.data.batch(1), dst.mesh))
+    _, m = dst_step(restored, trainer.train_batch(dst.data, 1, dst.mesh))
     np.testing.assert_allclose(float(m["loss"]), float(next_metrics["loss"]), rtol=1e-5)
 
 

@@ -31,7 +31,7 @@ def test_pipeline_deterministic_random_access_and_shapes():
   assert b.shape == (cfg.batch_size, cfg.seq_len + 1) and b.dtype == np.int32
   np.testing.assert_array_equal(b, d2.batch(5))
   assert not np.array_equal(d1.batch(0), data_lib.make_data(cfg, seed=1).batch(0))
-  assert len(d1.val) >= cfg.eval_batches
+  assert d1.num_val_batches >= cfg.eval_batches
 
 
 def test_one_epoch_covers_every_window_once(tmp_path):
@@ -59,19 +59,17 @@ def test_windows_are_contiguous_text_and_val_is_held_out(tmp_path):
   d = data_lib.make_data(cfg, seed=0)
   train_text = data_lib.decode(d.batch(3)[0])
   assert train_text in text
-  val_text = data_lib.decode(d.val[0][0])
+  val_text = data_lib.decode(d.val_batch(0)[0])
   cut = int(len(text) * (1 - cfg.val_fraction))
   assert text.index(val_text) >= cut - 1
 
 
-def test_process_sharding_splits_windows():
+def test_rows_of_a_batch_are_slices_of_the_global_batch():
   cfg = tiny_config().data
-  full = data_lib.make_data(cfg, 0)
-  a = data_lib.make_data(cfg, 0, shard_index=0, shard_count=2)
-  b = data_lib.make_data(cfg, 0, shard_index=1, shard_count=2)
-  assert a.batch(0).shape[0] == cfg.batch_size // 2
-  assert not np.array_equal(a.val[0], b.val[0])
-  assert full.num_train_tokens == a.num_train_tokens
+  d = data_lib.make_data(cfg, 0)
+  full = d.batch(7)
+  np.testing.assert_array_equal(d.batch(7, rows=range(1, 3)), full[1:3])
+  np.testing.assert_array_equal(d.val_batch(1, rows=[3]), d.val_batch(1)[3:])
 
 
 def test_too_short_file_is_a_clear_error(tmp_path):
