@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
   e.gmm_backend = "auto"
+  e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 
@@ -128,6 +129,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(e.router, "model.moe.router", tuple(ROUTERS))
     _one_of(e.dispatch, "model.moe.dispatch", tuple(PLANNERS))
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
+    _one_of(e.expert_parallel, "model.moe.expert_parallel", ("auto", "none"))
     routed = e.segments * e.num_experts - e.num_shared_experts
     _require(routed % e.num_device_groups == 0, "model.moe.num_device_groups",
              f"must divide the routed experts (segments*num_experts-num_shared_experts={routed}),"

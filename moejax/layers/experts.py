@@ -2,7 +2,8 @@
 
 The bank only sees the dispatcher's layout (rows + ``group_sizes``), never tokens or routing,
 so variants of the weights (heterogeneous widths, ternary, LoRA, merged) are new banks with the
-same call signature.
+same call signature. The compute is a pure function of the weights (``run_swiglu_experts``) so
+expert parallelism can run it on each device's slice of the bank.
 """
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ from moejax.ops.grouped_matmul import gmm
 Array = jax.Array
 
 
+def run_swiglu_experts(weights, xs: Array, group_sizes: Array, *, backend: str = "auto",
+                       dtype=jnp.float32) -> Array:
+  """rows [M, D] grouped by expert -> [M, D]; weights = (wi [E, D, 2, H], wo [E, H, D])."""
+  wi, wo = weights
+  e, d, _, h = wi.shape
+  up = gmm(xs.astype(dtype), wi.astype(dtype).reshape(e, d, 2 * h), group_sizes, backend=backend)
+  return gmm(swiglu(up.reshape(-1, 2, h)), wo.astype(dtype), group_sizes, backend=backend)
+
+
 class SwiGLUExperts(nn.Module):
   """E independent SwiGLU experts of hidden size ``hidden``.
 
@@ -23,19 +33,23 @@ class SwiGLUExperts(nn.Module):
   wo [E, H, D]. Two gmm calls per layer, both in the dispatcher's row layout.
   """
   num_experts: int
+  d_model: int
   hidden: int
   dtype: jnp.dtype = jnp.float32
   gmm_backend: str = "auto"
 
-  @nn.compact
-  def __call__(self, xs: Array, group_sizes: Array) -> Array:
-    e, h, d = self.num_experts, self.hidden, xs.shape[-1]
-    wi = self.param("wi", nn.with_logical_partitioning(
+  def setup(self):
+    e, h, d = self.num_experts, self.hidden, self.d_model
+    self.wi = self.param("wi", nn.with_logical_partitioning(
         kernel_init(1, (2, 3), 0), ("expert", "embed", None, "mlp")), (e, d, 2, h), jnp.float32)
-    wo = self.param("wo", nn.with_logical_partitioning(
+    self.wo = self.param("wo", nn.with_logical_partitioning(
         kernel_init(1, 2, 0), ("expert", "mlp", "embed")), (e, h, d), jnp.float32)
-    xs = xs.astype(self.dtype)
-    up = gmm(xs, wi.astype(self.dtype).reshape(e, d, 2 * h), group_sizes,
-             backend=self.gmm_backend)
-    act = swiglu(up.reshape(-1, 2, h))
-    return gmm(act, wo.astype(self.dtype), group_sizes, backend=self.gmm_backend)
+
+  def weights(self):
+    return self.wi, self.wo
+
+  def run(self, weights, xs, group_sizes):
+    return run_swiglu_experts(weights, xs, group_sizes, backend=self.gmm_backend, dtype=self.dtype)
+
+  def __call__(self, xs: Array, group_sizes: Array) -> Array:
+    return self.run(self.weights(), xs, group_sizes)

@@ -25,9 +25,12 @@ from flax import linen as nn
 
 from moejax.layers import losses
 from moejax.layers.dense import SwiGLU
-from moejax.layers.dispatch import PLANNERS, DispatchPlan, combine, dispatch
+from jax.sharding import PartitionSpec as P
+
+from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
+from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 Array = jax.Array
 
@@ -51,6 +54,10 @@ class MoESpec:
   num_device_groups: int = 1
   z_loss_weight: float = 0.0
   gmm_backend: str = "auto"
+  # "auto": when the current mesh has an expert axis > 1, split experts over it and move tokens
+  # by all-to-all inside shard_map (moejax/parallel/expert_parallel.py); "none": leave the
+  # partitioning of the global computation to XLA.
+  expert_parallel: str = "auto"
 
   @property
   def num_routed(self) -> int:        # N' = mN - K_s
@@ -69,12 +76,12 @@ class MoESpec:
     return self.num_shared_experts * self.fine_hidden
 
 
-def routing_metrics(routing: RoutingResult, plan: DispatchPlan) -> dict[str, Array]:
+def routing_metrics(routing: RoutingResult, num_dropped: Array) -> dict[str, Array]:
   routed = jnp.maximum(jnp.sum(routing.expert_index >= 0), 1)
   return {
       "expert_load": losses.expert_fraction(routing),
-      "drop_fraction": plan.num_dropped / routed,
-      "num_dropped": plan.num_dropped,
+      "drop_fraction": num_dropped / routed,
+      "num_dropped": num_dropped,
       "router_entropy": losses.router_entropy(routing),
   }
 
@@ -90,17 +97,24 @@ class MoEBlock(nn.Module):
     router = ROUTERS[s.router](num_experts=s.num_routed, k=s.routed_k, renormalize=s.renormalize,
                                jitter_eps=s.jitter_eps, noise_std=s.noise_std, name="router")
     routing = router(tokens, deterministic=deterministic)
-    plan = PLANNERS[s.dispatch](routing.expert_index, s.num_routed,
-                                capacity_factor=s.capacity_factor)
-    experts = SwiGLUExperts(s.num_routed, s.fine_hidden, self.dtype, s.gmm_backend,
+    experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")
-    y = combine(experts(dispatch(tokens, plan), plan.group_sizes), plan, routing.weight)
+    if s.expert_parallel == "auto" and expert_axis_size() > 1:
+      y, num_dropped = expert_parallel_ffn(
+          tokens, routing.expert_index, routing.weight, experts.weights(),
+          (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
+          capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None)
+    else:
+      plan = PLANNERS[s.dispatch](routing.expert_index, s.num_routed,
+                                  capacity_factor=s.capacity_factor)
+      y = combine(experts(dispatch(tokens, plan), plan.group_sizes), plan, routing.weight)
+      num_dropped = plan.num_dropped
     if s.num_shared_experts:
       y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(tokens)
-    self._record(routing, plan)
+    self._record(routing, num_dropped)
     return y.reshape(x.shape).astype(self.dtype)
 
-  def _record(self, routing: RoutingResult, plan: DispatchPlan) -> None:
+  def _record(self, routing: RoutingResult, num_dropped: Array) -> None:
     s = self.spec
     terms = {
         "load_balance": (s.load_balance_weight, lambda: losses.load_balance_loss(routing)),
@@ -113,5 +127,5 @@ class MoEBlock(nn.Module):
         value = fn()
         self.sow("losses", name, weight * value)
         self.sow("intermediates", name, value)
-    for name, value in routing_metrics(routing, plan).items():
+    for name, value in routing_metrics(routing, num_dropped).items():
       self.sow("intermediates", name, value)

@@ -34,7 +34,7 @@ def loop_reference(x, idx, w, wi, wo, capacity=None):
 
 def run_layer(x, idx, w, params, mode, cf=1.0, backend="xla"):
   plan = (dl.plan_dropless(idx, E) if mode == "dropless" else dl.plan_capacity(idx, E, cf))
-  experts = SwiGLUExperts(E, H, gmm_backend=backend)
+  experts = SwiGLUExperts(E, D, H, gmm_backend=backend)
   ys = experts.apply(params, dl.dispatch(x, plan), plan.group_sizes)
   return dl.combine(ys, plan, w), plan
 
@@ -43,7 +43,7 @@ def _setup(idx):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(k1, (T, D))
   w = jax.random.uniform(k2, idx.shape)
-  params = SwiGLUExperts(E, H).init(k3, jnp.zeros((4, D)), jnp.array([1, 1, 1, 1]))
+  params = SwiGLUExperts(E, D, H).init(k3, jnp.zeros((4, D)), jnp.array([1, 1, 1, 1]))
   params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
                         is_leaf=lambda p: hasattr(p, "unbox"))
   return x, w, params
