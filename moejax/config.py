@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.dispatch = "dropless"        # dropless | capacity
   e.capacity_factor = 1.25
   e.load_balance_weight = 0.01   # Switch / DeepSeekMoE expert-level balance
+  e.load_balance_scope = "micro_batch"   # or "global_batch" (Demons in the Detail)
+  e.balance_micro_batches = 1    # split the batch into this many groups for the balance loss
+                                 # (= data-parallel ranks x accumulation steps for the usual one)
   e.device_balance_weight = 0.0  # DeepSeekMoE device-level balance
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
@@ -130,6 +133,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(e.dispatch, "model.moe.dispatch", tuple(PLANNERS))
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
     _one_of(e.expert_parallel, "model.moe.expert_parallel", ("auto", "none"))
+    _one_of(e.load_balance_scope, "model.moe.load_balance_scope", ("micro_batch", "global_batch"))
+    _require(e.balance_micro_batches > 0 and d.batch_size % e.balance_micro_batches == 0,
+             "model.moe.balance_micro_batches",
+             f"must be a positive divisor of data.batch_size={d.batch_size}, "
+             f"got {e.balance_micro_batches}")
     routed = e.segments * e.num_experts - e.num_shared_experts
     _require(routed % e.num_device_groups == 0, "model.moe.num_device_groups",
              f"must divide the routed experts (segments*num_experts-num_shared_experts={routed}),"

@@ -19,6 +19,8 @@ RULES = [
     ("model.dtype", "float16", "dense", r"model.dtype: got 'float16'; allowed: 'float32', 'bfloat16'"),
     ("model.moe.num_shared_experts", 4, "deepseekmoe", r"model.moe.num_shared_experts: must be in \[0, segments\*top_k=4\)"),
     ("model.moe.num_device_groups", 3, "deepseekmoe", r"model.moe.num_device_groups: must divide the routed experts .*=8\)"),
+    ("model.moe.load_balance_scope", "local", "gshard", r"load_balance_scope: got 'local'; allowed: 'micro_batch', 'global_batch'"),
+    ("model.moe.balance_micro_batches", 3, "gshard", r"balance_micro_batches: must be a positive divisor of data.batch_size=4"),
     ("mesh.expert", 0, "gshard", r"mesh.expert: must be a positive size or -1"),
     ("mesh.num_devices", 0, "gshard", r"mesh.num_devices: must be a positive count or -1"),
     ("model.moe.capacity_factor", 0.0, "switch", r"model.moe.capacity_factor: must be > 0"),

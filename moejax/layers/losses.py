@@ -26,17 +26,36 @@ def expert_fraction(routing: RoutingResult) -> Array:
   return expert_counts(routing.expert_index, routing.num_experts) / (t * k)
 
 
-def load_balance_loss(routing: RoutingResult) -> Array:
+def load_balance_loss(routing: RoutingResult, micro_batches: int = 1,
+                      scope: str = "micro_batch") -> Array:
   """L = E * sum_i f_i P_i,  f_i = count_i / (T k),  P_i = (1/T) sum_t p_{t,i}.
 
   Switch Transformer (Fedus et al. 2021, eq. 4) for k = 1, and its top-k generalisation. It is
   exactly DeepSeekMoE's expert-level balance loss (arXiv 2401.06066, eq. 12-14):
   L_ExpBal = sum_i f'_i P_i with f'_i = N'/(K'T) count_i, N' = E, K' = k. Equals 1 when routing is
   uniform. The coefficient (Switch 1e-2, DeepSeekMoE a1) is applied by the caller.
+
+  The T tokens (batch-major) are split into ``micro_batches`` equal groups j, as data-parallel
+  ranks or accumulation steps would see them, and L is averaged over j:
+    scope="micro_batch":  L = mean_j E sum_i f_i^j P_i^j   (the usual per-rank loss)
+    scope="global_batch": L = mean_j E sum_i fbar_i P_i^j  (Qiu et al. 2025, "Demons in the
+                          Detail", arXiv 2501.11873: frequencies fbar over the global batch; only
+                          the E counts need an all-reduce, P stays local).
+  With one micro-batch the two coincide.
   """
-  f = expert_fraction(routing)
-  p_mean = jnp.mean(routing.probs, axis=0)
-  return routing.num_experts * jnp.sum(f * p_mean)
+  t, k = routing.expert_index.shape
+  if t % micro_batches:
+    raise ValueError(f"balance_micro_batches={micro_batches} must divide the {t} tokens")
+  e = routing.num_experts
+  idx = routing.expert_index.reshape(micro_batches, -1, k)
+  p_mean = routing.probs.reshape(micro_batches, -1, e).mean(axis=1)            # P_i^j
+  if scope == "global_batch":
+    f = jnp.broadcast_to(expert_fraction(routing), p_mean.shape)               # fbar_i
+  elif scope == "micro_batch":
+    f = jax.vmap(lambda i: expert_counts(i, e))(idx) / (idx.shape[1] * k)      # f_i^j
+  else:
+    raise ValueError(f"load_balance_scope={scope!r}; allowed: 'micro_batch', 'global_batch'")
+  return e * jnp.mean(jnp.sum(f * p_mean, axis=-1))
 
 
 def device_balance_loss(routing: RoutingResult, num_groups: int) -> Array:

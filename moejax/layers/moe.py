@@ -50,6 +50,8 @@ class MoESpec:
   dispatch: str = "dropless"     # "dropless" | "capacity"
   capacity_factor: float = 1.25
   load_balance_weight: float = 0.01
+  load_balance_scope: str = "micro_batch"   # or "global_batch" (see losses.load_balance_loss)
+  balance_micro_batches: int = 1
   device_balance_weight: float = 0.0
   num_device_groups: int = 1
   z_loss_weight: float = 0.0
@@ -117,7 +119,8 @@ class MoEBlock(nn.Module):
   def _record(self, routing: RoutingResult, num_dropped: Array) -> None:
     s = self.spec
     terms = {
-        "load_balance": (s.load_balance_weight, lambda: losses.load_balance_loss(routing)),
+        "load_balance": (s.load_balance_weight, lambda: losses.load_balance_loss(
+            routing, s.balance_micro_batches, s.load_balance_scope)),
         "device_balance": (s.device_balance_weight,
                            lambda: losses.device_balance_loss(routing, s.num_device_groups)),
         "z_loss": (s.z_loss_weight, lambda: losses.router_z_loss(routing)),

@@ -69,3 +69,32 @@ def test_z_loss_and_entropy():
 def test_counts_ignore_unused_slots():
   idx = jnp.array([[0, -1], [2, 2], [-1, -1]], jnp.int32)
   np.testing.assert_array_equal(losses.expert_counts(idx, 3), [1, 0, 2])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_micro_batch_and_global_batch_balance(groups):
+  """Per-micro-batch: mean_j E sum_i f_i^j P_i^j; global (Demons in the Detail): f from the
+  whole batch, P per micro-batch, averaged over micro-batches."""
+  r, _ = _routing(t=64, e=8, k=2, skew=1.0, seed=7)
+  idx, p = np.asarray(r.expert_index), np.asarray(r.probs, np.float64)
+  e, k = 8, 2
+  idx_g, p_g = np.split(idx, groups), np.split(p, groups)
+  micro = np.mean([e * np.sum(_counts(i, e) / (len(i) * k) * q.mean(0))
+                   for i, q in zip(idx_g, p_g)])
+  fbar = _counts(idx, e) / (len(idx) * k)
+  glob = np.mean([e * np.sum(fbar * q.mean(0)) for q in p_g])
+  np.testing.assert_allclose(losses.load_balance_loss(r, groups, "micro_batch"), micro, rtol=1e-5)
+  np.testing.assert_allclose(losses.load_balance_loss(r, groups, "global_batch"), glob, rtol=1e-5)
+  if groups == 1:
+    np.testing.assert_allclose(micro, glob, rtol=1e-12)
+  else:
+    assert abs(micro - glob) > 1e-4            # the option changes the objective
+
+
+def test_global_batch_gradient_differs_only_through_f():
+  """P carries the gradient in both scopes; with equal f the gradients coincide."""
+  import jax
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+  grad = lambda scope: jax.grad(lambda l: losses.load_balance_loss(
+      topk_softmax(l, 1, False), 1, scope))(logits)
+  np.testing.assert_allclose(grad("micro_batch"), grad("global_batch"), rtol=1e-6)
