@@ -86,6 +86,7 @@ def _on_mesh(fn, mesh):
   def call(*args):
     with jax.set_mesh(mesh):
       return fn(*args)
+  call.jitted, call.mesh = fn, mesh        # for .lower(...) in benchmarks and tests
   return call
 
 
