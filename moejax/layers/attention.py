@@ -37,9 +37,12 @@ class Attention(nn.Module):
     wk = self._weight("key", (d, g, dh), ("embed", "kv_heads", "kv"), 0, (1, 2))
     wv = self._weight("value", (d, g, dh), ("embed", "kv_heads", "kv"), 0, (1, 2))
     wo = self._weight("out", (h, dh, d), ("heads", "kv", "embed"), (0, 1), 2)
+    heads, kv_heads = ("batch", "length", "heads", "kv"), ("batch", "length", "kv_heads", "kv")
     q = apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), positions, self.rope_theta)
     k = apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), positions, self.rope_theta)
     v = jnp.einsum("bld,dhk->blhk", x, wv)
+    q = nn.with_logical_constraint(q, heads)
+    k, v = nn.with_logical_constraint(k, kv_heads), nn.with_logical_constraint(v, kv_heads)
     q = q.reshape(b, l, g, h // g, dh)
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
@@ -47,4 +50,5 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
+    out = nn.with_logical_constraint(out, heads)
     return jnp.einsum("blhk,hkd->bld", out, wo)

@@ -87,7 +87,7 @@ class Transformer(nn.Module):
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
-    x = embed(tokens)
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     for i in range(c.num_layers):
       x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic)
@@ -95,5 +95,6 @@ class Transformer(nn.Module):
     unembed = self.param("unembed", nn.with_logical_partitioning(
         kernel_init(0, 1), ("embed", "vocab")),
                          (c.d_model, c.vocab_size), jnp.float32)
-    return jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bld,dv->blv", x, unembed.astype(c.compute_dtype),
+                        preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
