@@ -218,7 +218,7 @@ def train(config, workdir: str) -> dict:
     if timer_start is None:                    # exclude compilation from throughput and ETA
       jax.block_until_ready(state["step"])
       timer_start, timer_step = time.perf_counter(), done
-    if done % t.log_every == 0 or done == t.steps:
+    if done % t.log_every == 0 or done == t.steps or done == start + 1:
       metrics = jax.device_get(metrics)
       moe = metrics_lib.flatten_intermediates(metrics.pop("moe"))
       elapsed = time.perf_counter() - timer_start
@@ -230,8 +230,9 @@ def train(config, workdir: str) -> dict:
       moe_txt = (f" | drop {last['drop_fraction']:.2%} | H(router) {last['router_entropy']:.2f}"
                  if "drop_fraction" in last else "")
       eta = _fmt_time((t.steps - done) / rate) if rate == rate else "?"
+      speed = (f"{last['tokens_per_sec']:,.0f} tok/s" if rate == rate else "compiled")
       print(f"step {done:>5}/{t.steps} | loss {last['loss']:.4f} (ce {last['ce']:.4f}, aux "
-            f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {last['tokens_per_sec']:,.0f} tok/s"
+            f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {speed}"
             f"{moe_txt} | ETA {eta}", flush=True)
     if done % t.eval_every == 0 and done != t.steps:
       run.state = state
