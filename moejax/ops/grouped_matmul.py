@@ -11,19 +11,22 @@ Backends:
                (tile, group) pairs that overlap (at most num_tiles + G - 1) and a loop runs one
                [tile_m, K] @ [K, N] matmul per pair. Custom VJP: d_lhs is the same op on the
                transposed weights, d_rhs is the transposed op ``tgmm``.
-  "auto"       "xla" on CPU; "ragged_dot" on GPU/TPU until the Pallas kernels
-               (``pallas_kernels/``, issue 5) register themselves under "pallas".
+  "pallas"     the Pallas kernels of ``pallas_kernels/`` (Mosaic on TPU, Triton on GPU); on CPU
+               they run in the Pallas interpreter (slow: for tests only).
+  "auto"       "pallas" on TPU/GPU, "xla" on CPU.
 
 New backends register with ``register_backend(name, fn)``; the MoE layer only ever calls ``gmm``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+import pallas_kernels
+from pallas_kernels.metadata import GroupMetadata, make_group_metadata
 
 Array = jax.Array
 
@@ -44,7 +47,7 @@ def resolve_backend(backend: str) -> str:
     platform = jax.default_backend()
     if platform == "cpu":
       return "xla"
-    return "pallas" if "pallas" in _BACKENDS else "ragged_dot"
+    return "pallas"
   if backend not in _BACKENDS:
     raise ValueError(f"gmm backend={backend!r} is unknown; allowed: {backends()}")
   return backend
@@ -84,40 +87,7 @@ def _ragged_dot(lhs, rhs, group_sizes, **_):
 
 
 # ----------------------------------------------------------------------------- tiled XLA path
-@dataclasses.dataclass(frozen=True)
-class TileSchedule:
-  """Which (row tile, group) pairs do work. Static length; ``valid`` masks the padding pairs.
-
-  A group spanning rows [start, end) touches tiles floor(start/tm) .. floor((end-1)/tm); a tile
-  shared by two groups is visited once per group with a row mask. The same schedule drives
-  the forward (gmm) and both backward products, and is what a Pallas kernel reads.
-  """
-  tile: Array    # [P] row-tile index of each pair
-  group: Array   # [P] group index of each pair
-  valid: Array   # [P] bool
-  starts: Array  # [G] first row of each group
-  ends: Array    # [G] one past the last row of each group
-
-
-def make_tile_schedule(group_sizes: Array, num_rows: int, tile_m: int) -> TileSchedule:
-  num_groups = group_sizes.shape[0]
-  num_tiles = -(-num_rows // tile_m)
-  ends = jnp.cumsum(group_sizes)
-  starts = ends - group_sizes
-  first = starts // tile_m
-  last = (ends - 1) // tile_m
-  tiles_per_group = jnp.where(group_sizes > 0, last - first + 1, 0)
-  num_pairs = num_tiles + num_groups - 1  # tight upper bound: each group boundary adds one pair
-  pair_group = jnp.repeat(jnp.arange(num_groups), tiles_per_group, total_repeat_length=num_pairs)
-  first_pair = jnp.cumsum(tiles_per_group) - tiles_per_group
-  pair = jnp.arange(num_pairs)
-  tile = first[pair_group] + pair - first_pair[pair_group]
-  valid = pair < jnp.sum(tiles_per_group)
-  tile = jnp.where(valid, tile, 0)
-  return TileSchedule(tile=tile, group=pair_group, valid=valid, starts=starts, ends=ends)
-
-
-def _row_mask(s: TileSchedule, p, tile_m):
+def _row_mask(s: GroupMetadata, p, tile_m):
   rows = s.tile[p] * tile_m + jnp.arange(tile_m)
   g = s.group[p]
   return (rows >= s.starts[g]) & (rows < s.ends[g]) & s.valid[p]
@@ -131,7 +101,7 @@ def _pad_rows(x, tile_m):
 def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
-  s = make_tile_schedule(group_sizes, m, tile_m)
+  s = make_group_metadata(group_sizes, m, tile_m)
   x = _pad_rows(lhs, tile_m)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
@@ -154,7 +124,7 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
   """Transposed grouped matmul: out[g] = sum_{i in group g} lhs[i]^T grad[i] -> [G, K, N]."""
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
-  s = make_tile_schedule(group_sizes, m, tile_m)
+  s = make_group_metadata(group_sizes, m, tile_m)
   x, dy = _pad_rows(lhs, tile_m), _pad_rows(grad, tile_m)
 
   def body(p, acc):
@@ -190,4 +160,13 @@ gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
 
 register_backend("reference", gmm_reference)
 register_backend("ragged_dot", _ragged_dot)
+
+
+def _pallas(lhs, rhs, group_sizes, **_):
+  if jax.default_backend() == "cpu":   # the interpreter, with TPU semantics (tests only)
+    return pallas_kernels.gmm(lhs, rhs, group_sizes, target="tpu", interpret=True)
+  return pallas_kernels.gmm(lhs, rhs, group_sizes)
+
+
+register_backend("pallas", _pallas)
 register_backend("xla", lambda lhs, rhs, gs, *, tile_m: gmm_xla(lhs, rhs, gs, tile_m))

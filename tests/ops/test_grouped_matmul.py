@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from moejax.ops import grouped_matmul as gm
 
 TOL = {jnp.float32: dict(rtol=1e-4, atol=1e-4), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}
-BACKENDS = ["xla", "ragged_dot"]
+BACKENDS = ["xla", "ragged_dot", "pallas"]   # pallas: interpreter on CPU
 
 
 def numpy_gmm(lhs, rhs, sizes):
@@ -95,14 +95,6 @@ def test_tgmm_matches_reference():
     np.testing.assert_allclose(got[g], np.asarray(lhs)[start:start + n].T @ np.asarray(grad)[start:start + n],
                                rtol=1e-4, atol=1e-4)
     start += n
-
-
-def test_schedule_visits_each_tile_group_overlap_once():
-  s = gm.make_tile_schedule(jnp.array([5, 0, 20, 3]), num_rows=32, tile_m=8)
-  pairs = {(int(t), int(g)) for t, g, v in zip(s.tile, s.group, s.valid) if v}
-  # rows: g0 [0,5) t0; g2 [5,25) t0..t3; g3 [25,28) t3
-  assert pairs == {(0, 0), (0, 2), (1, 2), (2, 2), (3, 2), (3, 3)}
-  assert int(s.valid.sum()) == len(pairs)
 
 
 def test_bad_inputs_raise_clear_errors():

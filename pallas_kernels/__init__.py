@@ -1,0 +1,9 @@
+"""Pallas grouped-matmul kernels (TPU/Mosaic and GPU/Triton) with one differentiable entry point.
+
+  from pallas_kernels import gmm, tgmm, make_group_metadata
+"""
+from pallas_kernels.metadata import GroupMetadata, make_group_metadata
+from pallas_kernels.ops import TARGETS, Tiling, default_target, default_tiling, gmm, tgmm
+
+__all__ = ["GroupMetadata", "make_group_metadata", "TARGETS", "Tiling", "default_target",
+           "default_tiling", "gmm", "tgmm"]
