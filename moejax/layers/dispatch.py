@@ -63,19 +63,51 @@ def _unflatten(flat: Array, num_tokens: int) -> Array:
   return flat.reshape(-1, num_tokens).T                  # slot-major [k*T] -> [T, k]
 
 
-def plan_dropless(expert_index: Array, num_experts: int) -> DispatchPlan:
-  """Dropless grouping (MegaBlocks-style): M = T*k rows sorted by expert, nothing dropped."""
+def _round_up(x, multiple):
+  return (x + multiple - 1) // multiple * multiple
+
+
+def _place(order, token, sorted_key, counts, num_experts, stride, cap, num_rows):
+  """Rows for sorted slots: expert e's r-th slot goes to row base_e + r if r < cap.
+
+  ``stride`` [E] is the rows reserved per expert (its count, rounded up for alignment, or the
+  capacity); rows past a group's real slots stay empty (row_token = T reads zeros).
+  """
+  starts = jnp.cumsum(counts) - counts
+  base = jnp.cumsum(stride) - stride
+  rank = jnp.arange(order.shape[0]) - starts[sorted_key]
+  keep = (sorted_key < num_experts) & (rank < cap)
+  dest = jnp.where(keep, base[jnp.minimum(sorted_key, num_experts - 1)] + rank, num_rows)
+  return dest.astype(jnp.int32)
+
+
+def _plan(expert_index, order, token, dest, num_rows, group_sizes):
+  num_tokens = expert_index.shape[0]
+  row_token = jnp.full((num_rows,), num_tokens, jnp.int32).at[dest].set(
+      token.astype(jnp.int32), mode="drop")
+  slot_row = _unflatten(jnp.zeros_like(dest).at[order].set(dest), num_tokens)
+  kept = slot_row < num_rows
+  num_dropped = (jnp.sum(expert_index >= 0) - jnp.sum(kept)).astype(jnp.int32)
+  return DispatchPlan(row_token=row_token, slot_row=slot_row,
+                      group_sizes=group_sizes.astype(jnp.int32), kept=kept, num_dropped=num_dropped)
+
+
+def plan_dropless(expert_index: Array, num_experts: int, align: int = 1) -> DispatchPlan:
+  """Dropless grouping (MegaBlocks-style): every routed slot gets a row, nothing is dropped.
+
+  ``align`` > 1 starts every expert's rows on a multiple of ``align`` (each group padded with
+  empty rows), so a tiled grouped matmul with tile ``align`` never splits a tile between two
+  experts: no tile is computed twice and no row masks or partial-tile accumulation are needed.
+  Rows: T*k (align 1), else the static bound round_up(T*k + E*(align-1), align); the kernels
+  only visit rows up to sum(group_sizes).
+  """
   num_tokens, k = expert_index.shape
-  m = num_tokens * k
   order, token, sorted_key, counts = _sort_slots(expert_index, num_experts)
-  used = sorted_key < num_experts
-  row_token = jnp.where(used, token, num_tokens)
-  inverse = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
-  valid = expert_index.T.reshape(-1) >= 0
-  slot_row = _unflatten(jnp.where(valid, inverse, m), num_tokens)
-  return DispatchPlan(row_token=row_token.astype(jnp.int32), slot_row=slot_row,
-                      group_sizes=counts[:num_experts], kept=slot_row < m,
-                      num_dropped=jnp.zeros((), jnp.int32))
+  stride = _round_up(counts[:num_experts], align)
+  num_rows = num_tokens * k if align == 1 else _round_up(num_tokens * k + num_experts * (align - 1),
+                                                         align)
+  dest = _place(order, token, sorted_key, counts, num_experts, stride, num_tokens * k, num_rows)
+  return _plan(expert_index, order, token, dest, num_rows, stride)
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -83,28 +115,21 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
   return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
-def plan_capacity(expert_index: Array, num_experts: int, capacity_factor: float) -> DispatchPlan:
+def plan_capacity(expert_index: Array, num_experts: int, capacity_factor: float,
+                  align: int = 1) -> DispatchPlan:
   """Capacity-based dispatch (GShard, Switch): each expert holds C rows; overflow is dropped.
 
-  Layout M = E*C rows, expert e owning rows [e*C, (e+1)*C). Dropped slots contribute zero to
-  the routed output (the residual carries the token) and are counted in ``num_dropped``.
+  Expert e owns rows [e*S, e*S + C) with S = round_up(C, align) (S = C unless aligned; the
+  S - C rows are empty). Dropped slots contribute zero to the routed output (the residual
+  carries the token) and are counted in ``num_dropped``.
   """
   num_tokens, k = expert_index.shape
   cap = expert_capacity(num_tokens, k, num_experts, capacity_factor)
-  m = num_experts * cap
+  stride = _round_up(cap, align)
   order, token, sorted_key, counts = _sort_slots(expert_index, num_experts)
-  starts = jnp.cumsum(counts) - counts
-  rank = jnp.arange(order.shape[0]) - starts[sorted_key]
-  keep = (sorted_key < num_experts) & (rank < cap)
-  dest = jnp.where(keep, sorted_key * cap + rank, m).astype(jnp.int32)
-  row_token = jnp.full((m,), num_tokens, jnp.int32).at[dest].set(token.astype(jnp.int32),
-                                                                mode="drop")
-  slot_row = _unflatten(jnp.zeros_like(dest).at[order].set(dest), num_tokens)
-  kept = slot_row < m
-  num_dropped = jnp.sum(expert_index >= 0) - jnp.sum(kept)
-  return DispatchPlan(row_token=row_token, slot_row=slot_row,
-                      group_sizes=jnp.full((num_experts,), cap, jnp.int32), kept=kept,
-                      num_dropped=num_dropped.astype(jnp.int32))
+  strides = jnp.full((num_experts,), stride, jnp.int32)
+  dest = _place(order, token, sorted_key, counts, num_experts, strides, cap, num_experts * stride)
+  return _plan(expert_index, order, token, dest, num_experts * stride, strides)
 
 
 def dispatch(x: Array, plan: DispatchPlan) -> Array:
@@ -121,8 +146,9 @@ def combine(ys: Array, plan: DispatchPlan, weight: Array) -> Array:
   return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w).astype(ys.dtype)
 
 
-# Name -> planner(expert_index, num_experts, *, capacity_factor). Validation lists these names.
+# Name -> planner(expert_index, num_experts, *, capacity_factor, align). Validation lists names.
 PLANNERS = {
-    "dropless": lambda idx, e, *, capacity_factor: plan_dropless(idx, e),
-    "capacity": lambda idx, e, *, capacity_factor: plan_capacity(idx, e, capacity_factor),
+    "dropless": lambda idx, e, *, capacity_factor, align=1: plan_dropless(idx, e, align),
+    "capacity": lambda idx, e, *, capacity_factor, align=1: plan_capacity(idx, e, capacity_factor,
+                                                                          align),
 }

@@ -32,8 +32,9 @@ def loop_reference(x, idx, w, wi, wo, capacity=None):
   return y, int((idx >= 0).sum() - kept.sum()), kept
 
 
-def run_layer(x, idx, w, params, mode, cf=1.0, backend="xla"):
-  plan = (dl.plan_dropless(idx, E) if mode == "dropless" else dl.plan_capacity(idx, E, cf))
+def run_layer(x, idx, w, params, mode, cf=1.0, backend="xla", align=1):
+  plan = (dl.plan_dropless(idx, E, align) if mode == "dropless"
+          else dl.plan_capacity(idx, E, cf, align))
   experts = SwiGLUExperts(E, D, H, gmm_backend=backend)
   ys = experts.apply(params, dl.dispatch(x, plan), plan.group_sizes)
   return dl.combine(ys, plan, w), plan
@@ -58,15 +59,16 @@ ROUTINGS = {
 }
 
 
+@pytest.mark.parametrize("align", [1, 8])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("mode,cf", [("dropless", None), ("capacity", 0.5), ("capacity", 1.0),
                                      ("capacity", 4.0)])
-def test_matches_loop_values_grads_and_drop_count(routing, mode, cf):
+def test_matches_loop_values_grads_and_drop_count(routing, mode, cf, align):
   idx = jnp.asarray(ROUTINGS[routing], jnp.int32)
   x, w, params = _setup(idx)
   cap = None if mode == "dropless" else dl.expert_capacity(T, K, E, cf)
 
-  y, plan = run_layer(x, idx, w, params, mode, cf)
+  y, plan = run_layer(x, idx, w, params, mode, cf, align=align)
   wi, wo = params["params"]["wi"], params["params"]["wo"]
   y_ref, dropped, kept = loop_reference(x, idx, w, wi, wo, cap)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -76,7 +78,7 @@ def test_matches_loop_values_grads_and_drop_count(routing, mode, cf):
     assert dropped == T * K - cap                 # overflow counted exactly
 
   ct = jax.random.normal(jax.random.key(9), y.shape)
-  got = jax.grad(lambda x, w, p: jnp.sum(run_layer(x, idx, w, p, mode, cf)[0] * ct),
+  got = jax.grad(lambda x, w, p: jnp.sum(run_layer(x, idx, w, p, mode, cf, align=align)[0] * ct),
                  argnums=(0, 1, 2))(x, w, params)
   want = jax.grad(lambda x, w, p: jnp.sum(
       loop_reference(x, idx, w, p["params"]["wi"], p["params"]["wo"], cap)[0] * ct),
@@ -114,3 +116,23 @@ def test_under_jit():
   f = jax.jit(lambda x, i: run_layer(x, i, w, params, "capacity", 1.0)[0])
   np.testing.assert_allclose(f(x, idx), run_layer(x, idx, w, params, "capacity", 1.0)[0],
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+def test_aligned_groups_start_on_multiples_and_pad_with_empty_rows(mode):
+  idx = jnp.asarray(ROUTINGS["random"], jnp.int32)
+  align = 8
+  plan = (dl.plan_dropless(idx, E, align) if mode == "dropless"
+          else dl.plan_capacity(idx, E, 1.0, align))
+  sizes = np.asarray(plan.group_sizes)
+  assert np.all(sizes % align == 0)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  rows = np.asarray(plan.row_token)
+  idx_np = np.asarray(idx)
+  for e in range(E):
+    tokens = rows[starts[e]:starts[e + 1]]
+    real = tokens[tokens < T]
+    # real rows first, then padding (T = empty row, reads zeros); each real row routes to e
+    assert np.all(tokens[:len(real)] < T) and np.all(tokens[len(real):] == T)
+    assert all(e in idx_np[t] for t in real)
+  assert np.all(rows[starts[-1]:] == T) and plan.num_rows % align == 0

@@ -1,0 +1,253 @@
+"""Fwd+bwd throughput and peak memory of one MoE FFN layer against a dense FFN of equal active FLOPs.
+
+Everything is measured in this one process, so ratios are robust to a noisy machine:
+
+  dense        SwiGLU FFN with hidden k*F: the same active FLOPs, no routing (the practical limit)
+  moejax/<b>   moejax's dropless MoE layer (plan -> dispatch -> experts -> combine) on gmm backend b,
+               rows aligned as the backend prefers (``row_alignment``: 128 for "xla")
+  transformers Hugging Face Qwen3-MoE experts block, experts_implementation="grouped_mm"
+               (torch CPU), fed the same routing
+
+FLOPs counted (useful work only; routing, sorting and gathers are overhead):
+  forward  = T * k * (2*D*2F + 2*F*D) = 6 T k D F     (gate+up [D, 2F], down [F, D] per slot)
+  fwd+bwd  = 3 * forward = 18 T k D F                 (backward: d_input and d_weight matmuls)
+Routing is fixed per shape: "balanced" gives every expert T*k/E slots (k distinct experts per
+token), "zipf" draws expert popularity from Zipf(s) (expert e chosen with p ~ 1/(e+1)^s).
+Memory is XLA's compiled estimate: peak = arguments + outputs + temporaries - aliased (the MoE
+holds E/k times the dense layer's weights and gradients by design), and temporaries alone
+(activations saved for the backward pass and workspace: the dispatch overhead).
+
+  python experiments/bench_moe.py                 # the three shapes of issue 5 + the token sweep
+  python experiments/bench_moe.py --quick         # smaller, for a smoke test
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from moejax.layers.dense import swiglu  # noqa: E402
+from moejax.layers.dispatch import combine, dispatch, plan_dropless  # noqa: E402
+from moejax.layers.experts import run_swiglu_experts  # noqa: E402
+from moejax.ops.grouped_matmul import row_alignment  # noqa: E402
+
+_OUT = flags.DEFINE_string("out_dir", "experiments/results/bench_moe", "Output directory.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (median reported).")
+_QUICK = flags.DEFINE_bool("quick", False, "Small shapes, few repeats (smoke test).")
+_BACKENDS = flags.DEFINE_list(
+    "backends", ["xla", "xla@1", "ragged_dot"],
+    "moejax gmm backends to time; 'name@a' forces row alignment a (default: the backend's).")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the transformers Qwen3-MoE block.")
+_ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains this.")
+_SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
+
+SHAPES = {  # name: (T, D, F, E, k, routing)
+    "balanced E16 k2 F1024": (4096, 512, 1024, 16, 2, "balanced"),
+    "fine-grained E64 k6 F256": (4096, 512, 256, 64, 6, "balanced"),
+    "zipf(1.2) E16 k2 F1024": (4096, 512, 1024, 16, 2, "zipf"),
+}
+SWEEP_TOKENS = (1024, 2048, 4096, 8192)
+
+
+def flops(t, d, f, k):
+  return 18 * t * k * d * f
+
+
+def routing(t, e, k, kind, seed=0):
+  """expert_index [T, k] (distinct experts per token) and gate weights [T, k] summing to 1."""
+  rng = np.random.default_rng(seed)
+  if kind == "balanced":
+    idx = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % e
+    idx = rng.permutation(e)[idx]
+  else:
+    p = 1.0 / np.arange(1, e + 1) ** 1.2
+    g = rng.gumbel(size=(t, e)) + np.log(p / p.sum())
+    idx = np.argsort(-g, axis=1)[:, :k]            # k distinct experts, Zipf-weighted
+  w = rng.random((t, k)).astype(np.float32) + 0.5
+  return idx.astype(np.int32), w / w.sum(1, keepdims=True)
+
+
+def _time(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def _memory(jitted, *args):
+  """(peak, temporaries): arguments + outputs + temporaries - aliased, and temporaries alone."""
+  m = jitted.lower(*args).compile().memory_analysis()
+  if m is None:
+    return None, None
+  return (int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+              - m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+
+
+def jax_case(name, loss, params, x, repeats):
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  sec = _time(step, params, x, repeats=repeats)
+  peak, temp = _memory(step, params, x)
+  return {"impl": name, "seconds": sec, "peak_bytes": peak, "temp_bytes": temp}
+
+
+def dense_case(t, d, f, k, repeats, key):
+  h = k * f
+  k1, k2, k3 = jax.random.split(key, 3)
+  params = (jax.random.normal(k1, (d, 2, h)) * d ** -0.5, jax.random.normal(k2, (h, d)) * h ** -0.5)
+  x = jax.random.normal(k3, (t, d))
+
+  def loss(p, x):
+    up = jnp.einsum("td,dch->tch", x, p[0])
+    return jnp.sum(swiglu(up) @ p[1])
+  return jax_case("dense", loss, params, x, repeats)
+
+
+def moe_case(t, d, f, e, k, kind, name, repeats, key):
+  backend, _, align = name.partition("@")
+  align = int(align) if align else row_alignment(backend)
+  idx, w = routing(t, e, k, kind)
+  idx, w = jnp.asarray(idx), jnp.asarray(w)
+  k1, k2, k3 = jax.random.split(key, 3)
+  params = (jax.random.normal(k1, (e, d, 2, f)) * d ** -0.5,
+            jax.random.normal(k2, (e, f, d)) * f ** -0.5)
+  x = jax.random.normal(k3, (t, d))
+
+  def loss(p, x):
+    plan = plan_dropless(idx, e, align=align)
+    ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend)
+    return jnp.sum(combine(ys, plan, w))
+  return jax_case(f"moejax/{backend}@{align}", loss, params, x, repeats)
+
+
+def torch_case(t, d, f, e, k, kind, repeats):
+  import torch
+  from transformers import Qwen3MoeConfig
+  from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+  cfg = Qwen3MoeConfig(hidden_size=d, moe_intermediate_size=f, num_experts=e,
+                       num_experts_per_tok=k)
+  cfg._experts_implementation = "grouped_mm"
+  torch.manual_seed(0)
+  block = Qwen3MoeExperts(cfg)
+  with torch.no_grad():
+    block.gate_up_proj.normal_(0, d ** -0.5)
+    block.down_proj.normal_(0, f ** -0.5)
+  idx, w = routing(t, e, k, kind)
+  idx, w = torch.from_numpy(idx).long(), torch.from_numpy(w)
+  x = torch.randn(t, d, requires_grad=True)
+
+  def step():
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    block(x, idx, w).sum().backward()
+  step()
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    step()
+    ts.append(time.perf_counter() - t0)
+  return {"impl": "transformers", "seconds": float(np.median(ts)), "peak_bytes": None,
+          "temp_bytes": None, "torch": torch.__version__}
+
+
+def run_shape(name, t, d, f, e, k, kind, repeats, with_torch=True):
+  key = jax.random.key(0)
+  rows = [dense_case(t, d, f, k, repeats, key)]
+  for b in _BACKENDS.value:
+    reps = repeats if not b.startswith("ragged_dot") else max(2, repeats // 3)  # ~15x slower
+    rows.append(moe_case(t, d, f, e, k, kind, b, reps, key))
+  if with_torch and _TORCH.value:
+    rows.append(torch_case(t, d, f, e, k, kind, repeats))
+  fl = flops(t, d, f, k)
+  dense = rows[0]
+  for r in rows:
+    r["gflops"] = fl / r["seconds"] / 1e9
+    r["x_dense"] = dense["seconds"] / r["seconds"]
+    r["mem_x_dense"] = (r["peak_bytes"] / dense["peak_bytes"]
+                        if r["peak_bytes"] and dense["peak_bytes"] else None)
+    r["temp_x_dense"] = (r["temp_bytes"] / dense["temp_bytes"]
+                         if r["temp_bytes"] and dense["temp_bytes"] else None)
+  out = {"shape": name, "T": t, "D": d, "F": f, "E": e, "k": k, "routing": kind,
+         "flops": fl, "rows": rows}
+  print(f"\n{name}: T={t} D={d} F={f} E={e} k={k} routing={kind}  "
+        f"fwd+bwd FLOPs = 18*T*k*D*F = {fl / 1e9:.1f} GFLOP", flush=True)
+  for r in rows:
+    mem = (f"peak {r['peak_bytes'] / 2**20:7.1f} MiB ({r['mem_x_dense']:.2f}x), temporaries "
+           f"{r['temp_bytes'] / 2**20:7.1f} MiB ({r['temp_x_dense']:.2f}x)" if r["peak_bytes"] else "")
+    print(f"  {r['impl']:22s} {r['seconds'] * 1e3:8.1f} ms  {r['gflops']:6.1f} GFLOP/s  "
+          f"{r['x_dense']:5.2f}x dense  {mem}", flush=True)
+  return out
+
+
+def write_outputs(shapes, sweep):
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "results.json"), "w") as fh:
+    json.dump({"backend": jax.default_backend(), "devices": str(jax.devices()), "shapes": shapes,
+               "sweep": sweep}, fh, indent=1)
+  impls = [r["impl"] for r in shapes[0]["rows"]]
+  lines = ["| shape | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+  for s in shapes:
+    cells = [f"{r['gflops']:.1f} GFLOP/s ({r['x_dense']:.2f}x)" for r in s["rows"]]
+    lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+  lines += ["", "Compiled memory, peak (weights, gradients, activations) / temporaries only:", "",
+            "| shape | " + " | ".join(i for i in impls if i != "transformers") + " |",
+            "|---" * len(impls) + "|"]
+  for s in shapes:
+    cells = [f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['mem_x_dense']:.2f}x) / "
+             f"{r['temp_bytes'] / 2**20:.0f} MiB ({r['temp_x_dense']:.2f}x)"
+             for r in s["rows"] if r["peak_bytes"]]
+    lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+  table = "\n".join(lines)
+  print("\n" + table)
+  with open(os.path.join(_OUT.value, "results.md"), "w") as fh:
+    fh.write(table + "\n")
+  if sweep:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in [r["impl"] for r in sweep[0]["rows"]]:
+      xs = [s["T"] for s in sweep]
+      ys = [next(r["gflops"] for r in s["rows"] if r["impl"] == impl) for s in sweep]
+      ax.plot(xs, ys, marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("useful GFLOP/s (fwd+bwd)")
+    s0 = sweep[0]
+    ax.set_title(f"MoE layer D={s0['D']} F={s0['F']} E={s0['E']} k={s0['k']}, balanced, "
+                 f"{jax.default_backend()}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(_OUT.value, "throughput_vs_tokens.png"), dpi=120)
+
+
+def main(argv):
+  del argv
+  repeats = 3 if _QUICK.value else _REPEATS.value
+  shapes = []
+  for name, (t, d, f, e, k, kind) in SHAPES.items():
+    if _ONLY.value not in name:
+      continue
+    if _QUICK.value:
+      t, d, f = t // 8, d // 4, f // 4
+    shapes.append(run_shape(name, t, d, f, e, k, kind, repeats))
+  sweep = []
+  for t in ((256, 512) if _QUICK.value else SWEEP_TOKENS) if _SWEEP.value else ():
+    d, f, e, k = (128, 256, 16, 2) if _QUICK.value else (512, 1024, 16, 2)
+    sweep.append(run_shape(f"sweep T={t}", t, d, f, e, k, "balanced", repeats))
+  write_outputs(shapes, sweep)
+
+
+if __name__ == "__main__":
+  app.run(main)
