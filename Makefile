@@ -29,5 +29,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
+# Benchmarks (numbers go to experiments/results/): adds torch (CPU) + transformers.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) experiments/requirements.txt
+	$(PY) -m pip install --quiet -r experiments/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) experiments/bench_moe.py
+	$(PY) experiments/bench_sharding.py
+
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

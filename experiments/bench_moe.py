@@ -4,7 +4,7 @@ Everything is measured in this one process, so ratios are robust to a noisy mach
 
   dense        SwiGLU FFN with hidden k*F: the same active FLOPs, no routing (the practical limit)
   moejax/<b>   moejax's dropless MoE layer (plan -> dispatch -> experts -> combine) on gmm backend b,
-               rows aligned as the backend prefers (``row_alignment``: 128 for "xla")
+               "@a": each expert's rows aligned to a multiple of a (model.moe.row_align)
   transformers Hugging Face Qwen3-MoE experts block, experts_implementation="grouped_mm"
                (torch CPU), fed the same routing
 
@@ -37,14 +37,13 @@ from absl import app, flags  # noqa: E402
 from moejax.layers.dense import swiglu  # noqa: E402
 from moejax.layers.dispatch import combine, dispatch, plan_dropless  # noqa: E402
 from moejax.layers.experts import run_swiglu_experts  # noqa: E402
-from moejax.ops.grouped_matmul import row_alignment  # noqa: E402
 
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/bench_moe", "Output directory.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (median reported).")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes, few repeats (smoke test).")
 _BACKENDS = flags.DEFINE_list(
-    "backends", ["xla", "xla@1", "ragged_dot"],
-    "moejax gmm backends to time; 'name@a' forces row alignment a (default: the backend's).")
+    "backends", ["xla", "xla@128", "ragged_dot"],
+    "moejax gmm backends to time; 'name@a' aligns each expert's rows to a (model.moe.row_align).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the transformers Qwen3-MoE block.")
 _ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
@@ -75,16 +74,6 @@ def routing(t, e, k, kind, seed=0):
   return idx.astype(np.int32), w / w.sum(1, keepdims=True)
 
 
-def _time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
-
-
 def _memory(jitted, *args):
   """(peak, temporaries): arguments + outputs + temporaries - aliased, and temporaries alone."""
   m = jitted.lower(*args).compile().memory_analysis()
@@ -94,14 +83,23 @@ def _memory(jitted, *args):
               - m.alias_size_in_bytes), int(m.temp_size_in_bytes))
 
 
-def jax_case(name, loss, params, x, repeats):
+class Case:
+  """One implementation: ``run()`` does a full fwd+bwd step and blocks until it is done."""
+
+  def __init__(self, impl, run, peak_bytes=None, temp_bytes=None, extra=None):
+    self.impl, self.run, self.peak_bytes, self.temp_bytes = impl, run, peak_bytes, temp_bytes
+    self.extra = extra or {}
+
+
+def jax_case(name, loss, params, x, *route):
+  """grad(loss) w.r.t. (params, x); routing arrays are runtime inputs, never constants
+  (XLA would otherwise constant-fold the whole dispatch plan at compile time)."""
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  sec = _time(step, params, x, repeats=repeats)
-  peak, temp = _memory(step, params, x)
-  return {"impl": name, "seconds": sec, "peak_bytes": peak, "temp_bytes": temp}
+  peak, temp = _memory(step, params, x, *route)
+  return Case(name, lambda: jax.block_until_ready(step(params, x, *route)), peak, temp)
 
 
-def dense_case(t, d, f, k, repeats, key):
+def dense_case(t, d, f, k, key):
   h = k * f
   k1, k2, k3 = jax.random.split(key, 3)
   params = (jax.random.normal(k1, (d, 2, h)) * d ** -0.5, jax.random.normal(k2, (h, d)) * h ** -0.5)
@@ -110,12 +108,12 @@ def dense_case(t, d, f, k, repeats, key):
   def loss(p, x):
     up = jnp.einsum("td,dch->tch", x, p[0])
     return jnp.sum(swiglu(up) @ p[1])
-  return jax_case("dense", loss, params, x, repeats)
+  return jax_case("dense", loss, params, x)
 
 
-def moe_case(t, d, f, e, k, kind, name, repeats, key):
+def moe_case(t, d, f, e, k, kind, name, key):
   backend, _, align = name.partition("@")
-  align = int(align) if align else row_alignment(backend)
+  align = int(align) if align else 1
   idx, w = routing(t, e, k, kind)
   idx, w = jnp.asarray(idx), jnp.asarray(w)
   k1, k2, k3 = jax.random.split(key, 3)
@@ -123,14 +121,14 @@ def moe_case(t, d, f, e, k, kind, name, repeats, key):
             jax.random.normal(k2, (e, f, d)) * f ** -0.5)
   x = jax.random.normal(k3, (t, d))
 
-  def loss(p, x):
+  def loss(p, x, idx, w):
     plan = plan_dropless(idx, e, align=align)
     ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend)
     return jnp.sum(combine(ys, plan, w))
-  return jax_case(f"moejax/{backend}@{align}", loss, params, x, repeats)
+  return jax_case(f"moejax/{backend}@{align}", loss, params, x, idx, w)
 
 
-def torch_case(t, d, f, e, k, kind, repeats):
+def torch_case(t, d, f, e, k, kind):
   import torch
   from transformers import Qwen3MoeConfig
   from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -150,33 +148,43 @@ def torch_case(t, d, f, e, k, kind, repeats):
     block.zero_grad(set_to_none=True)
     x.grad = None
     block(x, idx, w).sum().backward()
-  step()
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    step()
-    ts.append(time.perf_counter() - t0)
-  return {"impl": "transformers", "seconds": float(np.median(ts)), "peak_bytes": None,
-          "temp_bytes": None, "torch": torch.__version__}
+  return Case("transformers", step, extra={"torch": torch.__version__,
+                                           "threads": torch.get_num_threads()})
 
 
-def run_shape(name, t, d, f, e, k, kind, repeats, with_torch=True):
+def measure(cases, repeats):
+  """Median seconds per case; rounds interleave the cases so drift hits them all alike."""
+  for c in cases:
+    c.run()                                            # compile / warm up
+  times = {c.impl: [] for c in cases}
+  for r in range(repeats):
+    for c in cases:
+      if c.impl.startswith("moejax/ragged_dot") and r >= max(2, repeats // 3):
+        continue                                       # ~15x slower on CPU: fewer rounds
+      t0 = time.perf_counter()
+      c.run()
+      times[c.impl].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def run_shape(name, t, d, f, e, k, kind, repeats):
   key = jax.random.key(0)
-  rows = [dense_case(t, d, f, k, repeats, key)]
-  for b in _BACKENDS.value:
-    reps = repeats if not b.startswith("ragged_dot") else max(2, repeats // 3)  # ~15x slower
-    rows.append(moe_case(t, d, f, e, k, kind, b, reps, key))
-  if with_torch and _TORCH.value:
-    rows.append(torch_case(t, d, f, e, k, kind, repeats))
+  cases = [dense_case(t, d, f, k, key)]
+  cases += [moe_case(t, d, f, e, k, kind, b, key) for b in _BACKENDS.value]
+  if _TORCH.value:
+    cases.append(torch_case(t, d, f, e, k, kind))
+  seconds = measure(cases, repeats)
   fl = flops(t, d, f, k)
-  dense = rows[0]
-  for r in rows:
-    r["gflops"] = fl / r["seconds"] / 1e9
-    r["x_dense"] = dense["seconds"] / r["seconds"]
-    r["mem_x_dense"] = (r["peak_bytes"] / dense["peak_bytes"]
-                        if r["peak_bytes"] and dense["peak_bytes"] else None)
-    r["temp_x_dense"] = (r["temp_bytes"] / dense["temp_bytes"]
-                         if r["temp_bytes"] and dense["temp_bytes"] else None)
+  dense = cases[0]
+  rows = []
+  for c in cases:
+    sec = seconds[c.impl]
+    rows.append({"impl": c.impl, "seconds": sec, "gflops": fl / sec / 1e9,
+                 "x_dense": seconds["dense"] / sec, "peak_bytes": c.peak_bytes,
+                 "temp_bytes": c.temp_bytes,
+                 "mem_x_dense": c.peak_bytes / dense.peak_bytes if c.peak_bytes else None,
+                 "temp_x_dense": c.temp_bytes / dense.temp_bytes if c.temp_bytes else None,
+                 **c.extra})
   out = {"shape": name, "T": t, "D": d, "F": f, "E": e, "k": k, "routing": kind,
          "flops": fl, "rows": rows}
   print(f"\n{name}: T={t} D={d} F={f} E={e} k={k} routing={kind}  "

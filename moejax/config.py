@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
   e.gmm_backend = "auto"
-  e.row_align = 0                # align each expert's rows to this many (0 = backend's choice)
+  e.row_align = 1                # start each expert's rows on a multiple of this (128: CPU tile)
   e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
@@ -133,8 +133,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(e.router, "model.moe.router", tuple(ROUTERS))
     _one_of(e.dispatch, "model.moe.dispatch", tuple(PLANNERS))
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
-    _require(e.row_align >= 0, "model.moe.row_align",
-             f"must be >= 0 (0 = the gmm backend's preference), got {e.row_align}")
+    _positive(e, "model.moe", "row_align")
     _one_of(e.expert_parallel, "model.moe.expert_parallel", ("auto", "none"))
     _one_of(e.load_balance_scope, "model.moe.load_balance_scope", ("micro_batch", "global_batch"))
     _require(e.balance_micro_batches > 0 and d.batch_size % e.balance_micro_batches == 0,

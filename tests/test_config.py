@@ -12,7 +12,7 @@ RULES = [
     ("model.moe.segments", 3, "deepseekmoe", r"model.moe.segments: must divide model.moe.expert_hidden=32"),
     ("model.moe.router", "sinkhorn", "gshard", r"model.moe.router: got 'sinkhorn'; allowed: 'topk_softmax'"),
     ("model.moe.dispatch", "magic", "gshard", r"model.moe.dispatch: got 'magic'; allowed: 'dropless', 'capacity'"),
-    ("model.moe.row_align", -1, "gshard", r"model.moe.row_align: must be >= 0 \(0 = the gmm backend's preference\), got -1"),
+    ("model.moe.row_align", 0, "gshard", r"model.moe.row_align: must be > 0, got 0"),
     ("model.moe.gmm_backend", "cuda", "gshard", r"model.moe.gmm_backend: got 'cuda'; allowed:.*'xla'"),
     ("data.path", "/no/such/file.txt", "dense", r"data.path: file not found: '/no/such/file.txt'"),
     ("model.num_kv_heads", 3, "dense", r"model.num_kv_heads: must divide model.num_heads=4"),

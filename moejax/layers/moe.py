@@ -30,7 +30,6 @@ from jax.sharding import PartitionSpec as P
 from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
-from moejax.ops.grouped_matmul import row_alignment
 from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 Array = jax.Array
@@ -57,9 +56,10 @@ class MoESpec:
   num_device_groups: int = 1
   z_loss_weight: float = 0.0
   gmm_backend: str = "auto"
-  # Start each expert's rows on a multiple of this (empty rows pad the groups); 0 = what the
-  # gmm backend prefers (``grouped_matmul.row_alignment``: the XLA tile on CPU, else 1).
-  row_align: int = 0
+  # Start each expert's rows on a multiple of this (empty rows pad the groups): with the gmm
+  # tile (128 on CPU) no tile is split between experts, which pays off under skewed routing
+  # but costs up to E*(row_align-1) extra rows of activations (see experiments/bench_moe.py).
+  row_align: int = 1
   # "auto": when the current mesh has an expert axis > 1, split experts over it and move tokens
   # by all-to-all inside shard_map (moejax/parallel/expert_parallel.py); "none": leave the
   # partitioning of the global computation to XLA.
@@ -111,9 +111,8 @@ class MoEBlock(nn.Module):
           (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
           capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None)
     else:
-      align = s.row_align or row_alignment(s.gmm_backend)
       plan = PLANNERS[s.dispatch](routing.expert_index, s.num_routed,
-                                  capacity_factor=s.capacity_factor, align=align)
+                                  capacity_factor=s.capacity_factor, align=s.row_align)
       y = combine(experts(dispatch(tokens, plan), plan.group_sizes), plan, routing.weight)
       num_dropped = plan.num_dropped
     if s.num_shared_experts:

@@ -53,17 +53,7 @@ def resolve_backend(backend: str) -> str:
   return backend
 
 
-XLA_TILE_M = 128   # rows per tile of the "xla" backend (measured best on CPU with aligned rows)
-
-
-def row_alignment(backend: str = "auto") -> int:
-  """Rows each group should start on a multiple of, for ``backend`` to run at its best.
-
-  The "xla" loop computes a tile shared by two groups twice (masked); a planner that aligns
-  groups to its tile (``dispatch.plan_dropless(align=...)``) avoids that. Pallas kernels and
-  ragged_dot handle ragged groups natively: 1.
-  """
-  return XLA_TILE_M if resolve_backend(backend) == "xla" else 1
+XLA_TILE_M = 128   # rows per tile of the "xla" backend (measured best on CPU)
 
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, backend: str = "auto",

@@ -51,7 +51,7 @@ SPEC = MoESpec(num_experts=4, top_k=2, expert_hidden=32, segments=2, num_shared_
 
 
 @pytest.mark.parametrize("dispatch,backend", [("dropless", "xla"), ("dropless", "reference"),
-                                              ("capacity", "xla")])
+                                              ("capacity", "xla"), ("dropless", "pallas")])
 def test_fine_grained_plus_shared_equals_explicit_sum(dispatch, backend):
   spec = dataclasses.replace(SPEC, dispatch=dispatch, capacity_factor=100.0, gmm_backend=backend)
   assert (spec.num_routed, spec.routed_k, spec.fine_hidden) == (6, 2, 16)
