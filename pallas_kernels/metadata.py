@@ -18,14 +18,16 @@ that skips them never moves to another output block.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 Array = jax.Array
 
 
-@struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class GroupMetadata:
   """Tile schedule for one grouped matmul (all arrays int32 / bool, device-resident).
 

@@ -176,9 +176,9 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *, num_local: int | None =
          group_offset=0, target: str = "auto",
          tiling: Tiling | tuple[int, int, int] | None = None, interpret=False) -> Array:
   """Transposed grouped matmul: [M, K], [M, N] -> [L, K, N] (L = num_local, default G)."""
-  _check(lhs, lhs.shape[1], group_sizes)
-  if grad.shape[0] != lhs.shape[0]:
-    raise ValueError(f"pallas_kernels.tgmm: lhs has {lhs.shape[0]} rows, grad {grad.shape[0]}")
+  _check(lhs, lhs.shape[-1], group_sizes)
+  if grad.ndim != 2 or grad.shape[0] != lhs.shape[0]:
+    raise ValueError(f"pallas_kernels.tgmm: grad must be [M={lhs.shape[0]}, N], got {grad.shape}")
   num_local = group_sizes.shape[0] if num_local is None else num_local
   cfg = _config(target, tiling, interpret)
   return _tgmm_impl(lhs, grad, group_sizes.astype(jnp.int32),

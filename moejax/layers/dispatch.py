@@ -28,12 +28,14 @@ class DispatchPlan:
   row_token:   [M] token feeding each expert row; T (one past the last token) marks an empty
                row (capacity padding or an unused slot), which reads zeros.
   slot_row:    [T, k] expert row holding each (token, slot); M marks a dropped/unused slot.
+  row_pair:    [M] slot-major index s*T + t of the (token, slot) in each row; T*k if empty.
   group_sizes: [E] rows per expert, rows sorted by expert (the gmm contract).
   kept:        [T, k] bool, False where the slot was dropped by capacity or unused.
   num_dropped: [] int32, routed slots lost to capacity (always reported, never silent).
   """
   row_token: Array
   slot_row: Array
+  row_pair: Array
   group_sizes: Array
   kept: Array
   num_dropped: Array
@@ -86,9 +88,11 @@ def _plan(expert_index, order, token, dest, num_rows, group_sizes):
   row_token = jnp.full((num_rows,), num_tokens, jnp.int32).at[dest].set(
       token.astype(jnp.int32), mode="drop")
   slot_row = _unflatten(jnp.zeros_like(dest).at[order].set(dest), num_tokens)
+  row_pair = jnp.full((num_rows,), order.shape[0], jnp.int32).at[dest].set(
+      order.astype(jnp.int32), mode="drop")
   kept = slot_row < num_rows
   num_dropped = (jnp.sum(expert_index >= 0) - jnp.sum(kept)).astype(jnp.int32)
-  return DispatchPlan(row_token=row_token, slot_row=slot_row,
+  return DispatchPlan(row_token=row_token, slot_row=slot_row, row_pair=row_pair,
                       group_sizes=group_sizes.astype(jnp.int32), kept=kept, num_dropped=num_dropped)
 
 
@@ -132,18 +136,55 @@ def plan_capacity(expert_index: Array, num_experts: int, capacity_factor: float,
   return _plan(expert_index, order, token, dest, num_experts * stride, strides)
 
 
+def _pad_row(x: Array) -> Array:
+  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+
+
+# Both directions are gathers. Each row holds at most one (token, slot) and the plan stores the
+# map both ways, so the VJPs gather through the inverse map instead of letting autodiff emit
+# scatter-adds (slow on CPU, and atomics on GPU).
+@jax.custom_vjp
 def dispatch(x: Array, plan: DispatchPlan) -> Array:
   """[T, D] tokens -> [M, D] expert rows (one gather; empty rows are zeros)."""
-  x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
-  return x_pad[plan.row_token]
+  return _pad_row(x)[plan.row_token]
 
 
+def _dispatch_fwd(x, plan):
+  return dispatch(x, plan), plan
+
+
+def _dispatch_bwd(plan, dxs):
+  # dx_t = sum over slots s of d xs[slot_row[t, s]]; dropped slots point at the zero row.
+  return jnp.sum(_pad_row(dxs)[plan.slot_row], axis=1, dtype=jnp.float32).astype(dxs.dtype), None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
 def combine(ys: Array, plan: DispatchPlan, weight: Array) -> Array:
   """[M, D] expert outputs -> [T, D]: y_t = sum_s kept[t,s] * weight[t,s] * ys[slot_row[t,s]]."""
-  y_pad = jnp.concatenate([ys, jnp.zeros((1, ys.shape[1]), ys.dtype)], axis=0)
-  y = y_pad[plan.slot_row]                                # [T, k, D]
+  y = _pad_row(ys)[plan.slot_row]                          # [T, k, D]
   w = jnp.where(plan.kept, weight, 0.0).astype(jnp.float32)
   return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w).astype(ys.dtype)
+
+
+def _combine_fwd(ys, plan, weight):
+  return combine(ys, plan, weight), (ys, plan, weight)
+
+
+def _combine_bwd(res, dy):
+  ys, plan, weight = res
+  w = jnp.where(plan.kept, weight, 0.0).astype(jnp.float32)
+  w_pair = _pad_row(w.T.reshape(-1))                       # slot-major, zero for empty rows
+  dy32 = dy.astype(jnp.float32)
+  dys = w_pair[plan.row_pair][:, None] * _pad_row(dy32)[plan.row_token]
+  y = _pad_row(ys)[plan.slot_row].astype(jnp.float32)      # [T, k, D]
+  dw = jnp.where(plan.kept, jnp.einsum("tkd,td->tk", y, dy32), 0.0)
+  return dys.astype(ys.dtype), None, dw.astype(weight.dtype)
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # Name -> planner(expert_index, num_experts, *, capacity_factor, align). Validation lists names.
