@@ -152,19 +152,64 @@ def torch_case(t, d, f, e, k, kind):
                                            "threads": torch.get_num_threads()})
 
 
+def _is_slow(case):
+  return case.impl.startswith("moejax/ragged_dot")    # ~15-50x slower on CPU, GBs of temporaries
+
+
 def measure(cases, repeats):
-  """Median seconds per case; rounds interleave the cases so drift hits them all alike."""
-  for c in cases:
-    c.run()                                            # compile / warm up
+  """Median seconds per case. Rounds interleave the fast cases so drift hits them all alike;
+  the slow ragged_dot case runs afterwards (its multi-GB temporaries disturb the others)."""
   times = {c.impl: [] for c in cases}
-  for r in range(repeats):
-    for c in cases:
-      if c.impl.startswith("moejax/ragged_dot") and r >= max(2, repeats // 3):
-        continue                                       # ~15x slower on CPU: fewer rounds
+  fast = [c for c in cases if not _is_slow(c)]
+  for c in fast:
+    c.run()                                            # compile / warm up
+  for _ in range(repeats):
+    for c in fast:
       t0 = time.perf_counter()
       c.run()
       times[c.impl].append(time.perf_counter() - t0)
+  for c in cases:
+    if _is_slow(c):
+      c.run()
+      for _ in range(2):
+        t0 = time.perf_counter()
+        c.run()
+        times[c.impl].append(time.perf_counter() - t0)
   return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def profile_ops(t, d, f, e, k, repeats):
+  """Each grouped matmul of the layer against a dense matmul of the same FLOPs (balanced groups):
+  where the gap to dense comes from."""
+  from moejax.ops import grouped_matmul as gm
+  m = t * k
+  ks = jax.random.split(jax.random.key(1), 4)
+  x, dy = jax.random.normal(ks[0], (m, d)), jax.random.normal(ks[1], (m, 2 * f))
+  w = jax.random.normal(ks[2], (e, d, 2 * f))
+  sizes = jnp.full((e,), m // e, jnp.int32)
+  ops = {
+      "up fwd  [M,D]x[D,2F]": (lambda x, w: gm.gmm(x, w, sizes, backend="xla"),
+                               lambda x, w: x @ w[0], (x, w)),
+      "up d_lhs [M,2F]x[2F,D]": (lambda dy, w: gm._tiled_gmm(dy, w, sizes, gm.XLA_TILE_M, True),
+                                 lambda dy, w: dy @ w[0].T, (dy, w)),
+      "up d_rhs (tgmm) [D,M]x[M,2F]": (lambda x, dy: gm.tgmm(x, dy, sizes, e),
+                                       lambda x, dy: x.T @ dy, (x, dy)),
+  }
+  cases = []
+  for name, (grouped, dense, args) in ops.items():
+    for kind, fn in (("grouped", grouped), ("dense", dense)):
+      jf = jax.jit(fn)
+      cases.append(Case(f"{name} {kind}", lambda jf=jf, args=args: jax.block_until_ready(jf(*args))))
+  sec = measure(cases, repeats)
+  out = {}
+  print(f"\nper-op profile (xla backend, M=T*k={m}, E={e} equal groups): grouped / dense time")
+  for name in ops:
+    ratio = sec[f"{name} dense"] / sec[f"{name} grouped"]
+    out[name] = {"grouped_s": sec[f"{name} grouped"], "dense_s": sec[f"{name} dense"],
+                 "x_dense": ratio}
+    print(f"  {name:32s} {sec[f'{name} grouped'] * 1e3:7.1f} ms vs {sec[f'{name} dense'] * 1e3:7.1f}"
+          f" ms  = {ratio:.2f}x dense", flush=True)
+  return out
 
 
 def run_shape(name, t, d, f, e, k, kind, repeats):
@@ -197,11 +242,11 @@ def run_shape(name, t, d, f, e, k, kind, repeats):
   return out
 
 
-def write_outputs(shapes, sweep):
+def write_outputs(shapes, sweep, profile):
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "results.json"), "w") as fh:
     json.dump({"backend": jax.default_backend(), "devices": str(jax.devices()), "shapes": shapes,
-               "sweep": sweep}, fh, indent=1)
+               "sweep": sweep, "profile": profile}, fh, indent=1)
   impls = [r["impl"] for r in shapes[0]["rows"]]
   lines = ["| shape | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
   for s in shapes:
@@ -215,6 +260,11 @@ def write_outputs(shapes, sweep):
              f"{r['temp_bytes'] / 2**20:.0f} MiB ({r['temp_x_dense']:.2f}x)"
              for r in s["rows"] if r["peak_bytes"]]
     lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+  if profile:
+    lines += ["", "Per-op profile, balanced groups (grouped matmul time vs a dense matmul of equal "
+              "FLOPs):", "", "| op | grouped | dense | ratio |", "|---|---|---|---|"]
+    lines += [f"| {n} | {p['grouped_s'] * 1e3:.1f} ms | {p['dense_s'] * 1e3:.1f} ms | "
+              f"{p['x_dense']:.2f}x |" for n, p in profile.items()]
   table = "\n".join(lines)
   print("\n" + table)
   with open(os.path.join(_OUT.value, "results.md"), "w") as fh:
@@ -254,7 +304,10 @@ def main(argv):
   for t in ((256, 512) if _QUICK.value else SWEEP_TOKENS) if _SWEEP.value else ():
     d, f, e, k = (128, 256, 16, 2) if _QUICK.value else (512, 1024, 16, 2)
     sweep.append(run_shape(f"sweep T={t}", t, d, f, e, k, "balanced", repeats))
-  write_outputs(shapes, sweep)
+  t, d, f, e, k, _ = SHAPES["balanced E16 k2 F1024"]
+  profile = profile_ops(t // 8, d // 4, f // 4, e, k, 3) if _QUICK.value else profile_ops(
+      t, d, f, e, k, repeats)
+  write_outputs(shapes, sweep, profile)
 
 
 if __name__ == "__main__":
