@@ -19,6 +19,7 @@ holds E/k times the dense layer's weights and gradients by design), and temporar
 
   python experiments/bench_moe.py                 # the three shapes of issue 5 + the token sweep
   python experiments/bench_moe.py --quick         # smaller, for a smoke test
+  python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch  # GPU
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ _BACKENDS = flags.DEFINE_list(
     "backends", ["xla", "xla@128", "ragged_dot"],
     "moejax gmm backends to time; 'name@a' aligns each expert's rows to a (model.moe.row_align).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the transformers Qwen3-MoE block.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                            "Activations and weights (bf16 for the GPU/TPU numbers).")
 _ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
 
@@ -94,7 +97,9 @@ class Case:
 def jax_case(name, loss, params, x, *route):
   """grad(loss) w.r.t. (params, x); routing arrays are runtime inputs, never constants
   (XLA would otherwise constant-fold the whole dispatch plan at compile time)."""
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  dtype = jnp.dtype(_DTYPE.value)
+  params, x = jax.tree.map(lambda a: a.astype(dtype), (params, x))
+  step = jax.jit(jax.grad(lambda p, x, *r: loss(p, x, *r).astype(jnp.float32), argnums=(0, 1)))
   peak, temp = _memory(step, params, x, *route)
   return Case(name, lambda: jax.block_until_ready(step(params, x, *route)), peak, temp)
 
@@ -123,7 +128,8 @@ def moe_case(t, d, f, e, k, kind, name, key):
 
   def loss(p, x, idx, w):
     plan = plan_dropless(idx, e, align=align)
-    ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend)
+    ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend,
+                            dtype=x.dtype)
     return jnp.sum(combine(ys, plan, w))
   return jax_case(f"moejax/{backend}@{align}", loss, params, x, idx, w)
 

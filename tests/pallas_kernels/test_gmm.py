@@ -2,6 +2,8 @@
 
 The TPU kernel runs under the TPU-semantics interpreter with uninitialised memory filled with
 NaN, so a block the kernel forgets to initialise, or reads before writing, fails the test.
+On a GPU/TPU machine (``JAX_PLATFORMS=cuda pytest tests/pallas_kernels``; conftest defaults to
+CPU) every test also runs the native kernel.
 """
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,18 @@ INTERPRET = {"tpu": pltpu.InterpretParams(uninitialized_memory="nan"), "gpu": Tr
 # Small explicit tiles so tiny problems span several tiles; K=24, N=40 are deliberately not
 # multiples of the GPU tiles (padded) and use full-dimension blocks on TPU.
 TILES = {"tpu": [(8, 24, 40), (16, 24, 40)], "gpu": [(16, 16, 16), (32, 16, 32)]}
+TARGETS = ["tpu", "gpu"]
+# On a machine with a GPU or TPU the same tests also run the kernels natively (not interpreted),
+# with the target's own tile constraints (TPU: 128-lane blocks, so use the default tiling).
+if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+  _native = pk.default_target()
+  INTERPRET["native"] = False
+  TILES["native"] = [None, None] if _native == "tpu" else TILES["gpu"]
+  TARGETS.append("native")
+
+
+def _target(name):
+  return pk.default_target() if name == "native" else name
 TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-4), jnp.bfloat16: dict(rtol=2e-2, atol=1e-1)}
 K, N = 24, 40
 SLOW = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,27 +69,27 @@ def inputs(m, g, dtype, seed=0):
           jax.random.normal(k3, (m, N)).astype(dtype))
 
 
-@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("target", TARGETS)
 @SLOW
 @given(problems(), st.sampled_from([jnp.float32, jnp.bfloat16]), st.integers(0, 1))
 def test_gmm_forward(target, problem, dtype, tile_choice):
   sizes, m = problem
   lhs, rhs, _ = inputs(m, len(sizes), dtype)
-  got = pk.gmm(lhs, rhs, jnp.asarray(sizes), target=target, interpret=INTERPRET[target],
+  got = pk.gmm(lhs, rhs, jnp.asarray(sizes), target=_target(target), interpret=INTERPRET[target],
                tiling=TILES[target][tile_choice])
   assert got.shape == (m, N) and got.dtype == dtype
   want = oracle(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
   np.testing.assert_allclose(np.asarray(got, np.float32), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("target", TARGETS)
 @SLOW
 @given(problems(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_gmm_gradients(target, problem, dtype):
   """d lhs[i] = ct[i] rhs[g]^T (transposed-rhs gmm) and d rhs[g] = sum_i lhs[i]^T ct[i] (tgmm)."""
   sizes, m = problem
   lhs, rhs, ct = inputs(m, len(sizes), dtype, seed=1)
-  f = lambda a, b: jnp.sum(pk.gmm(a, b, jnp.asarray(sizes), target=target,
+  f = lambda a, b: jnp.sum(pk.gmm(a, b, jnp.asarray(sizes), target=_target(target),
                                   interpret=INTERPRET[target], tiling=TILES[target][0])
                            .astype(jnp.float32) * ct.astype(jnp.float32))
   dl, dr = jax.grad(f, argnums=(0, 1))(lhs, rhs)
@@ -93,13 +107,14 @@ def test_gmm_gradients(target, problem, dtype):
   np.testing.assert_allclose(np.asarray(dr, np.float32), want_r, **tol)
 
 
-@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_group_offset_computes_local_groups_only(target):
   """Expert-parallel shard: rhs holds groups 2..3 of 5; other rows must be exactly zero."""
   sizes = np.array([7, 0, 13, 9, 4], np.int32)
   lhs, rhs, ct = inputs(40, 5, jnp.float32, seed=3)
   local = rhs[2:4]
-  kw = dict(group_offset=2, target=target, interpret=INTERPRET[target], tiling=TILES[target][0])
+  kw = dict(group_offset=2, target=_target(target), interpret=INTERPRET[target],
+            tiling=TILES[target][0])
   got = pk.gmm(lhs, local, jnp.asarray(sizes), **kw)
   np.testing.assert_allclose(got, oracle(lhs, local, sizes, offset=2), **TOL[jnp.float32])
   assert not np.any(np.asarray(got)[:7]) and not np.any(np.asarray(got)[29:])
@@ -109,13 +124,13 @@ def test_group_offset_computes_local_groups_only(target):
   np.testing.assert_allclose(dw[1], l64[20:29].T @ c64[20:29], **TOL[jnp.float32])
 
 
-@pytest.mark.parametrize("target", ["tpu", "gpu"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_default_tiling_multi_tile_problem(target):
   """Defaults (no tiling argument) on a problem larger than one tile in every dimension."""
   sizes = np.array([100, 0, 37, 120, 1], np.int32)
   lhs = jax.random.normal(jax.random.key(4), (300, 160))
   rhs = jax.random.normal(jax.random.key(5), (5, 160, 136))
-  got = pk.gmm(lhs, rhs, jnp.asarray(sizes), target=target, interpret=INTERPRET[target])
+  got = pk.gmm(lhs, rhs, jnp.asarray(sizes), target=_target(target), interpret=INTERPRET[target])
   np.testing.assert_allclose(got, oracle(lhs, rhs, sizes), rtol=1e-4, atol=1e-3)
 
 
@@ -127,7 +142,8 @@ def test_bad_arguments_raise_clear_errors():
     pk.gmm(lhs[:, :5], rhs, jnp.array([4, 4]), target="tpu", interpret=True)
   with pytest.raises(ValueError, match="interpret=True needs an explicit target"):
     pk.gmm(lhs, rhs, jnp.array([4, 4]), interpret=True)
-  with pytest.raises(ValueError, match="run on TPU or GPU"):
-    pk.gmm(lhs, rhs, jnp.array([4, 4]))
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="run on TPU or GPU"):
+      pk.gmm(lhs, rhs, jnp.array([4, 4]))
   with pytest.raises(ValueError, match="group_sizes must be a 1-D integer array"):
     pk.gmm(lhs, rhs, jnp.array([4.0, 4.0]), target="tpu", interpret=True)
