@@ -69,7 +69,7 @@ def _round_up(x, multiple):
   return (x + multiple - 1) // multiple * multiple
 
 
-def _place(order, token, sorted_key, counts, num_experts, stride, cap, num_rows):
+def _place(sorted_key, counts, num_experts, stride, cap, num_rows):
   """Rows for sorted slots: expert e's r-th slot goes to row base_e + r if r < cap.
 
   ``stride`` [E] is the rows reserved per expert (its count, rounded up for alignment, or the
@@ -77,7 +77,7 @@ def _place(order, token, sorted_key, counts, num_experts, stride, cap, num_rows)
   """
   starts = jnp.cumsum(counts) - counts
   base = jnp.cumsum(stride) - stride
-  rank = jnp.arange(order.shape[0]) - starts[sorted_key]
+  rank = jnp.arange(sorted_key.shape[0]) - starts[sorted_key]
   keep = (sorted_key < num_experts) & (rank < cap)
   dest = jnp.where(keep, base[jnp.minimum(sorted_key, num_experts - 1)] + rank, num_rows)
   return dest.astype(jnp.int32)
@@ -108,9 +108,8 @@ def plan_dropless(expert_index: Array, num_experts: int, align: int = 1) -> Disp
   num_tokens, k = expert_index.shape
   order, token, sorted_key, counts = _sort_slots(expert_index, num_experts)
   stride = _round_up(counts[:num_experts], align)
-  num_rows = num_tokens * k if align == 1 else _round_up(num_tokens * k + num_experts * (align - 1),
-                                                         align)
-  dest = _place(order, token, sorted_key, counts, num_experts, stride, num_tokens * k, num_rows)
+  num_rows = _round_up(num_tokens * k + num_experts * (align - 1), align)   # = T*k if align 1
+  dest = _place(sorted_key, counts, num_experts, stride, num_tokens * k, num_rows)
   return _plan(expert_index, order, token, dest, num_rows, stride)
 
 
@@ -132,7 +131,7 @@ def plan_capacity(expert_index: Array, num_experts: int, capacity_factor: float,
   stride = _round_up(cap, align)
   order, token, sorted_key, counts = _sort_slots(expert_index, num_experts)
   strides = jnp.full((num_experts,), stride, jnp.int32)
-  dest = _place(order, token, sorted_key, counts, num_experts, strides, cap, num_experts * stride)
+  dest = _place(sorted_key, counts, num_experts, strides, cap, num_experts * stride)
   return _plan(expert_index, order, token, dest, num_experts * stride, strides)
 
 
