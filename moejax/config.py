@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.gmm_backend = "auto"
   e.row_align = 1                # start each expert's rows on a multiple of this (128: CPU tile)
   e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
+  e.all_to_all = "auto"          # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
+  e.ragged_buffer_factor = 0.0   # 0: worst-case ragged receive buffer (never drops); f > 0:
+                                 # f x the balanced rows, overflow dropped and counted
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 
@@ -135,6 +138,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
     _positive(e, "model.moe", "row_align")
     _one_of(e.expert_parallel, "model.moe.expert_parallel", ("auto", "none"))
+    _one_of(e.all_to_all, "model.moe.all_to_all", ("auto", "ragged", "padded"))
+    _require(e.ragged_buffer_factor >= 0, "model.moe.ragged_buffer_factor",
+             f"must be >= 0 (0 = worst-case buffer, never drops), got {e.ragged_buffer_factor}")
+    _require(e.ragged_buffer_factor == 0 or e.all_to_all != "padded",
+             "model.moe.ragged_buffer_factor",
+             "sizes the ragged exchange's buffer, but model.moe.all_to_all='padded'; set it to 0 "
+             "or use all_to_all='ragged'/'auto'")
     _one_of(e.load_balance_scope, "model.moe.load_balance_scope", ("micro_batch", "global_batch"))
     _require(e.balance_micro_batches > 0 and d.batch_size % e.balance_micro_batches == 0,
              "model.moe.balance_micro_batches",

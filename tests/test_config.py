@@ -14,6 +14,8 @@ RULES = [
     ("model.moe.dispatch", "magic", "gshard", r"model.moe.dispatch: got 'magic'; allowed: 'dropless', 'capacity'"),
     ("model.moe.row_align", 0, "gshard", r"model.moe.row_align: must be > 0, got 0"),
     ("model.moe.gmm_backend", "cuda", "gshard", r"model.moe.gmm_backend: got 'cuda'; allowed:.*'xla'"),
+    ("model.moe.all_to_all", "nccl", "gshard", r"model.moe.all_to_all: got 'nccl'; allowed: 'auto', 'ragged', 'padded'"),
+    ("model.moe.ragged_buffer_factor", -1.0, "gshard", r"model.moe.ragged_buffer_factor: must be >= 0 \(0 = worst-case"),
     ("data.path", "/no/such/file.txt", "dense", r"data.path: file not found: '/no/such/file.txt'"),
     ("model.num_kv_heads", 3, "dense", r"model.num_kv_heads: must divide model.num_heads=4"),
     ("model.head_dim", 7, "dense", r"model.head_dim: must be even"),
@@ -45,6 +47,16 @@ def test_rule(path, value, kind, message):
   node[leaf] = value
   with pytest.raises(ConfigError, match=message):
     validate(c)
+
+
+def test_ragged_buffer_factor_needs_the_ragged_exchange():
+  c = tiny_config("gshard")
+  c.model.moe.all_to_all, c.model.moe.ragged_buffer_factor = "padded", 1.5
+  with pytest.raises(ConfigError, match=r"ragged_buffer_factor: sizes the ragged exchange's "
+                                        r"buffer, but model.moe.all_to_all='padded'"):
+    validate(c)
+  c.model.moe.all_to_all = "ragged"
+  validate(c)
 
 
 @pytest.mark.parametrize("name", ["default", "dense", "switch", "gshard", "deepseekmoe"])

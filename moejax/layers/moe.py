@@ -64,6 +64,8 @@ class MoESpec:
   # by all-to-all inside shard_map (moejax/parallel/expert_parallel.py); "none": leave the
   # partitioning of the global computation to XLA.
   expert_parallel: str = "auto"
+  all_to_all: str = "auto"       # "auto" | "ragged" | "padded" (see expert_parallel.py)
+  ragged_buffer_factor: float = 0.0
 
   @property
   def num_routed(self) -> int:        # N' = mN - K_s
@@ -109,7 +111,8 @@ class MoEBlock(nn.Module):
       y, num_dropped = expert_parallel_ffn(
           tokens, routing.expert_index, routing.weight, experts.weights(),
           (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
-          capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None)
+          capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None,
+          all_to_all=s.all_to_all, buffer_factor=s.ragged_buffer_factor)
     else:
       plan = PLANNERS[s.dispatch](routing.expert_index, s.num_routed,
                                   capacity_factor=s.capacity_factor, align=s.row_align)
