@@ -22,7 +22,8 @@ data x fsdp x expert) and E_l = E / ep experts (device j of the expert axis owns
              expert (expert-major, source-minor): no regrouping, and only existing rows travel.
              The receive buffer is the worst case ep * T_l * min(k, E_l) rows (E_l * C with
              capacity), or ``ragged_buffer_factor`` x the balanced M rows; then the rows that do
-             not fit (last in the receiver's layout) are dropped and counted, never silently.
+             not fit are dropped and counted, never silently: a receiver keeps the prefix of
+             its layout (lower local experts, then lower sources, first choices first).
      auto    ragged where XLA implements it (GPU, TPU), padded on CPU.
 
 Numerically this is the single-device layer; only the layout differs.
@@ -76,7 +77,7 @@ def _exclusive_cumsum(a: Array, axis: int) -> Array:
 
 
 def _padded_exchange(xs: Array, group_sizes: Array, expert_params, run_experts: Callable,
-                     num_experts: int) -> tuple[Array, Array]:
+                     num_experts: int) -> Array:
   """Expert outputs for the rows ``xs`` [M, D] (grouped by global expert), via padded a2a."""
   ep = jax.lax.axis_size("expert")
   e_local = num_experts // ep
@@ -100,7 +101,7 @@ def _padded_exchange(xs: Array, group_sizes: Array, expert_params, run_experts: 
   ys = run_experts(expert_params, recv.reshape(ep * m, -1)[order], recv_counts.sum(0))
   back = jnp.zeros_like(ys).at[order].set(ys).reshape(ep, m, -1)
   back = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True).reshape(ep * m, -1)
-  return jnp.take(back, slot, axis=0, mode="fill", fill_value=0), jnp.zeros((), jnp.int32)
+  return jnp.take(back, slot, axis=0, mode="fill", fill_value=0)
 
 
 def _by_receiver(a: Array, ep: int) -> Array:
@@ -212,9 +213,9 @@ def expert_parallel_ffn(x: Array, idx: Array, weight: Array, expert_params, expe
                                 buffer_factor)
       ys, cut = _ragged_exchange(xs, plan.group_sizes, params, run_experts, num_experts, rows,
                                  emulate)
+      dropped = dropped + jax.lax.psum(cut, BATCH_AXES)
     else:
-      ys, cut = _padded_exchange(xs, plan.group_sizes, params, run_experts, num_experts)
-    dropped = dropped + jax.lax.psum(cut, BATCH_AXES)
+      ys = _padded_exchange(xs, plan.group_sizes, params, run_experts, num_experts)
     return combine(ys, plan, weight), dropped
 
   batch = P(BATCH_AXES, None)
