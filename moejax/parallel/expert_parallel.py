@@ -53,20 +53,18 @@ def expert_axis_size() -> int:
   return mesh.shape["expert"]
 
 
-def _global_capacity_mask(idx: Array, num_experts: int, capacity_factor: float) -> tuple[Array, Array]:
-  """Marks pairs beyond their expert's global capacity with -1. Runs inside shard_map."""
-  t_local, k = idx.shape
-  counts = jnp.sum(jax.nn.one_hot(idx.T, num_experts, dtype=jnp.int32), axis=1)   # [k, E]
+def _global_capacity_mask(idx: Array, num_experts: int, cap: int) -> tuple[Array, Array]:
+  """Marks pairs beyond their expert's global capacity ``cap`` with -1. Runs inside shard_map."""
+  onehot = jax.nn.one_hot(idx.T, num_experts, dtype=jnp.int32)                    # [k, T_l, E]
+  counts = jnp.sum(onehot, axis=1)                                                # [k, E]
   every = jax.lax.all_gather(counts, BATCH_AXES)                                  # [S, k, E]
   me = jax.lax.axis_index(BATCH_AXES)
   shards = every.shape[0]
   earlier_slots = jnp.cumsum(every.sum(0), axis=0) - every.sum(0)                 # [k, E]
   earlier_shards = jnp.sum(jnp.where((jnp.arange(shards) < me)[:, None, None], every, 0), 0)
   base = earlier_slots + earlier_shards                                           # [k, E]
-  onehot = jax.nn.one_hot(idx.T, num_experts, dtype=jnp.int32)                    # [k, T_l, E]
   local_rank = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)        # [k, T_l]
   rank = jnp.take_along_axis(base, jnp.maximum(idx.T, 0), axis=1) + local_rank
-  cap = expert_capacity(t_local * shards, k, num_experts, capacity_factor)
   kept = (rank < cap).T & (idx >= 0)
   dropped = jax.lax.psum(jnp.sum((idx >= 0) & ~kept), BATCH_AXES)
   return jnp.where(kept, idx, -1), dropped
@@ -201,14 +199,14 @@ def expert_parallel_ffn(x: Array, idx: Array, weight: Array, expert_params, expe
   def body(x, idx, weight, params):
     dropped = jnp.zeros((), jnp.int32)
     t_local, k = idx.shape
+    cap = None                         # C from the global T, as the single-device planner has it
     if capacity_factor is not None:
-      idx, dropped = _global_capacity_mask(idx, num_experts, capacity_factor)
+      cap = expert_capacity(t_local * jax.lax.axis_size(BATCH_AXES), k, num_experts,
+                            capacity_factor)
+      idx, dropped = _global_capacity_mask(idx, num_experts, cap)
     plan = plan_dropless(idx, num_experts)
     xs = dispatch(x, plan)                                          # [M, D] grouped by expert
     if exchange == "ragged":
-      shards = jax.lax.axis_size(BATCH_AXES)
-      cap = None if capacity_factor is None else expert_capacity(
-          t_local * shards, k, num_experts, capacity_factor)
       rows = ragged_buffer_rows(t_local * k, k, num_experts, jax.lax.axis_size("expert"), cap,
                                 buffer_factor)
       ys, cut = _ragged_exchange(xs, plan.group_sizes, params, run_experts, num_experts, rows,
