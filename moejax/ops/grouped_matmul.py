@@ -101,7 +101,15 @@ def _pad_rows(x, tile_m):
   return jnp.pad(x, ((0, pad), (0, 0))) if pad else x
 
 
+def _f32(x):
+  """XLA:CPU has no bf16 x bf16 -> f32 dot kernel: once a one-pair loop is simplified away, its
+  dot runs as a lone DotThunk and fails ("Unsupported element type"). Its bf16 dots upcast to
+  f32 internally anyway, so the CPU path computes in f32 and rounds the result once."""
+  return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
+
+
 def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
+  out_dtype, lhs, rhs = lhs.dtype, _f32(lhs), _f32(rhs)
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
   s = make_group_metadata(group_sizes, m, tile_m)
@@ -122,7 +130,7 @@ def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
   # Only the real pairs run (a dynamic trip count): padding pairs would be whole wasted tiles.
   out = jnp.zeros((x.shape[0], n), jnp.float32)
   out = jax.lax.fori_loop(0, s.num_valid, body, out)
-  return out[:m].astype(lhs.dtype)
+  return out[:m].astype(out_dtype)
 
 
 def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
@@ -136,7 +144,7 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
   s = make_group_metadata(group_sizes, m, tile_m)
-  xt_all, dy = _pad_rows(lhs, tile_m).T, _pad_rows(grad, tile_m)
+  xt_all, dy = _pad_rows(_f32(lhs), tile_m).T, _pad_rows(_f32(grad), tile_m)
 
   def body(p, carry):
     acc, out = carry

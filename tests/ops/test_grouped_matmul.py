@@ -105,3 +105,24 @@ def test_bad_inputs_raise_clear_errors():
     gm.gmm(lhs[:, :5], rhs, jnp.array([4, 4]))
   with pytest.raises(ValueError, match="group_sizes shape"):
     gm.gmm(lhs, rhs, jnp.array([8]))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("m,tile_m", [(128, 128), (8, 128), (80, 128)])
+def test_bf16_one_group_one_tile_under_jit_and_grad(backend, m, tile_m):
+  """One group, one row tile: the shapes of decoding and small tests. In bf16 the CPU path once
+  failed here under jit + grad (XLA:CPU has no bf16 x bf16 -> f32 dot thunk)."""
+  lhs, rhs = _inputs(m, 1, k=8, n=16, seed=3)
+  ct = jax.random.normal(jax.random.key(4), (m, 16))
+
+  def f(a, b):   # f32 parameters computed in bf16, as the MoE layer does
+    out = gm.gmm(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                 jnp.full((1,), a.shape[0], jnp.int32), backend=backend, tile_m=tile_m)
+    return jnp.sum(out.astype(jnp.float32) * ct)
+
+  dl, dr = jax.jit(jax.grad(f, argnums=(0, 1)))(lhs, rhs)
+  bf = lambda x: np.asarray(x.astype(jnp.bfloat16), np.float64)
+  want_l = np.asarray(ct, np.float64) @ bf(rhs)[0].T
+  want_r = bf(lhs).T @ np.asarray(ct, np.float64)
+  np.testing.assert_allclose(dl, want_l, rtol=3e-2, atol=5e-2 * np.abs(want_l).max())
+  np.testing.assert_allclose(dr[0], want_r, rtol=3e-2, atol=5e-2 * np.abs(want_r).max())
