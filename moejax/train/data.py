@@ -13,6 +13,7 @@ import dataclasses
 import grain
 import numpy as np
 
+from moejax.errors import ConfigError
 from moejax.train.corpus import generate_corpus
 
 VOCAB_SIZE = 256
@@ -67,22 +68,34 @@ class TextData:
     return np.stack([windows[i * self.batch_size + r] for r in rows]).astype(np.int32)
 
 
-def load_text(data_cfg, seed: int) -> tuple[str, str]:
+def load_tokens(data_cfg, seed: int) -> tuple[np.ndarray, str]:
+  """Token ids of the corpus and a description of where they come from.
+
+  A file is read as raw bytes: the model is byte-level, so any encoding (or binary data) maps
+  one byte to one token; decoding to text first would turn each invalid byte into the 3-byte
+  replacement character.
+  """
   if data_cfg.path:
-    with open(data_cfg.path, encoding="utf-8", errors="replace") as f:
-      return f.read(), data_cfg.path
-  return generate_corpus(data_cfg.corpus_bytes, seed), f"generated corpus ({data_cfg.corpus_bytes} bytes)"
+    try:
+      with open(data_cfg.path, "rb") as f:
+        raw = f.read()
+    except OSError as e:
+      raise ConfigError(f"config.data.path: cannot read {data_cfg.path!r}: {e.strerror}") from None
+    if not raw:
+      raise ConfigError(f"config.data.path: {data_cfg.path!r} is empty")
+    return np.frombuffer(raw, np.uint8).astype(np.int32), f"{data_cfg.path} ({len(raw):,} bytes)"
+  text = generate_corpus(data_cfg.corpus_bytes, seed)
+  return encode(text), f"generated corpus (seed {seed}, {data_cfg.corpus_bytes:,} bytes)"
 
 
 def make_data(data_cfg, seed: int) -> TextData:
-  text, source = load_text(data_cfg, seed)
-  tokens = encode(text)
+  tokens, source = load_tokens(data_cfg, seed)
   n_val = int(len(tokens) * data_cfg.val_fraction)
-  train_tok, val_tok = tokens[:-n_val], tokens[-n_val:]
+  train_tok, val_tok = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
   need = (data_cfg.seq_len + 1) * data_cfg.batch_size
   for name, part in (("training", train_tok), ("validation", val_tok)):
     if len(part) < need:
-      raise ValueError(
+      raise ConfigError(
           f"config.data: the {name} split of {source} has {len(part)} tokens, fewer than one "
           f"batch (batch_size*(seq_len+1) = {need}); use a longer text, smaller "
           f"data.batch_size/data.seq_len, or another data.val_fraction")
