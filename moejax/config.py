@@ -6,16 +6,15 @@ any compute and raises one ``ConfigError`` that names the key and what is allowe
 """
 from __future__ import annotations
 
+import difflib
 import os
+from typing import Any, Mapping
 
 import ml_collections
 
-from moejax.layers.dispatch import PLANNERS
-from moejax.layers.routers import ROUTERS
-from moejax.ops.grouped_matmul import backends as gmm_backends
-
-
 from moejax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+from moejax.layers.moe import check_moe_fields
+from moejax.ops.grouped_matmul import backends as gmm_backends
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0              # N; 0 = dense model
   e.top_k = 2                    # K
+  # Or state the experts directly (then leave num_experts at 0; segments must stay 1):
+  e.routed_experts = 0           # routed experts (excluding shared ones); 0 = use N, K, m
+  e.active_experts = 0           # routed experts active per token
   e.expert_hidden = 512          # d_ff of one expert before segmentation
   e.segments = 1                 # m, fine-grained segmentation (DeepSeekMoE)
   e.num_shared_experts = 0       # K_s, in fine-grained experts
@@ -98,6 +100,52 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def moe_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model has MoE layers (experts stated either way)."""
+  return config.model.moe.num_experts > 0 or config.model.moe.routed_experts > 0
+
+
+def flatten(config: ml_collections.ConfigDict | Mapping, prefix: str = "") -> dict[str, Any]:
+  """{'model': {'moe': {'top_k': 2}}} -> {'model.moe.top_k': 2} (leaves in key order)."""
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, (ml_collections.ConfigDict, Mapping)):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def unknown_key_error(key: str, known) -> ConfigError:
+  """'config.model.moe.num_expertz: no such setting; nearest: model.moe.num_experts, ...'."""
+  known = list(known)
+  near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+  if not near:   # a typo in a parent ('modle.moe.top_k'): match on the last part alone
+    leaf = key.rsplit(".", 1)[-1]
+    near = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:3]
+  hint = f"nearest: {', '.join(near)}" if near else "see moejax/config.py:base_config()"
+  return ConfigError(f"config.{key}: no such setting; {hint}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
+  """Sets dotted keys ({'model.moe.top_k': 4}) on a copy of ``config``; unknown keys and values
+  of the wrong type raise ``ConfigError`` naming the key (with the nearest valid keys)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  known = flatten(config)
+  for key, value in overrides.items():
+    if key not in known:
+      raise unknown_key_error(key, known)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"config.{key}: {e}") from None
+  return config
+
+
 def _require(ok: bool, key: str, msg: str) -> None:
   if not ok:
     raise ConfigError(f"config.{key}: {msg}")
@@ -123,43 +171,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
 
   _require(e.num_experts >= 0, "model.moe.num_experts", f"must be >= 0, got {e.num_experts}")
-  if e.num_experts > 0:
-    _positive(e, "model.moe", "top_k", "expert_hidden", "segments", "moe_every",
-              "capacity_factor", "num_device_groups")
-    _require(e.top_k <= e.num_experts, "model.moe.top_k",
-             f"must be <= model.moe.num_experts={e.num_experts}, got {e.top_k}")
-    _require(e.expert_hidden % e.segments == 0, "model.moe.segments",
-             f"must divide model.moe.expert_hidden={e.expert_hidden}, got {e.segments}")
-    _require(0 <= e.num_shared_experts < e.segments * e.top_k, "model.moe.num_shared_experts",
-             f"must be in [0, segments*top_k={e.segments * e.top_k}) so at least one expert is "
-             f"routed, got {e.num_shared_experts}")
-    _one_of(e.router, "model.moe.router", tuple(ROUTERS))
-    _one_of(e.dispatch, "model.moe.dispatch", tuple(PLANNERS))
+  if e.routed_experts or e.active_experts:
+    _require(e.num_experts == 0 and e.segments == 1, "model.moe.routed_experts",
+             "states the experts directly; leave model.moe.num_experts=0 and segments=1 (got "
+             f"num_experts={e.num_experts}, segments={e.segments}), or use N, K, m instead")
+    _positive(e, "model.moe", "routed_experts", "active_experts")
+    _require(e.active_experts <= e.routed_experts, "model.moe.active_experts",
+             f"must be <= model.moe.routed_experts={e.routed_experts}, got {e.active_experts}")
+  if moe_enabled(config):
+    if e.routed_experts:   # check the equivalent spec in the paper's units
+      check_moe_fields({**e, "num_experts": e.routed_experts + e.num_shared_experts,
+                        "top_k": e.active_experts + e.num_shared_experts},
+                       key=lambda n: f"config.model.moe.{n}", ref=lambda n: f"model.moe.{n}")
+    else:
+      check_moe_fields(e, key=lambda n: f"config.model.moe.{n}", ref=lambda n: f"model.moe.{n}")
+    _positive(e, "model.moe", "moe_every")
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
-    _positive(e, "model.moe", "row_align")
-    _one_of(e.expert_parallel, "model.moe.expert_parallel", ("auto", "none"))
-    _one_of(e.all_to_all, "model.moe.all_to_all", ("auto", "ragged", "padded"))
-    _require(e.ragged_buffer_factor >= 0, "model.moe.ragged_buffer_factor",
-             f"must be >= 0 (0 = worst-case buffer, never drops), got {e.ragged_buffer_factor}")
-    _require(e.ragged_buffer_factor == 0 or e.all_to_all != "padded",
-             "model.moe.ragged_buffer_factor",
-             "sizes the ragged exchange's buffer, but model.moe.all_to_all='padded'; set it to 0 "
-             "or use all_to_all='ragged'/'auto'")
-    _one_of(e.load_balance_scope, "model.moe.load_balance_scope", ("micro_batch", "global_batch"))
-    _require(e.balance_micro_batches > 0 and d.batch_size % e.balance_micro_batches == 0,
-             "model.moe.balance_micro_batches",
+    _require(d.batch_size % e.balance_micro_batches == 0, "model.moe.balance_micro_batches",
              f"must be a positive divisor of data.batch_size={d.batch_size}, "
              f"got {e.balance_micro_batches}")
-    routed = e.segments * e.num_experts - e.num_shared_experts
-    _require(routed % e.num_device_groups == 0, "model.moe.num_device_groups",
-             f"must divide the routed experts (segments*num_experts-num_shared_experts={routed}),"
-             f" got {e.num_device_groups}")
     _require(e.first_dense_layers < m.num_layers, "model.moe.first_dense_layers",
              f"must be < model.num_layers={m.num_layers} or no layer is MoE, "
              f"got {e.first_dense_layers}")
-    for w in ("load_balance_weight", "device_balance_weight", "z_loss_weight",
-              "jitter_eps", "noise_std"):
-      _require(e[w] >= 0, f"model.moe.{w}", f"must be >= 0, got {e[w]}")
 
   sizes = [config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")]
   for a, v in zip(("data", "fsdp", "expert", "tensor"), sizes):

@@ -61,14 +61,14 @@ def test_ragged_buffer_factor_needs_the_ragged_exchange():
 
 @pytest.mark.parametrize("name", ["default", "dense", "switch", "gshard", "deepseekmoe"])
 def test_shipped_configs_are_valid(name):
-  validate(importlib.import_module(f"configs.{name}").get_config())
+  validate(importlib.import_module(f"moejax.configs.{name}").get_config())
 
 
 def test_shipped_configs_have_equal_active_ffn_size():
   """The routing comparison relies on every config activating 512 FFN hidden units per token."""
   from moejax.models.transformer import ModelConfig
   for name in ["switch", "gshard", "deepseekmoe"]:
-    m = ModelConfig.from_config(importlib.import_module(f"configs.{name}").get_config().model)
+    m = ModelConfig.from_config(importlib.import_module(f"moejax.configs.{name}").get_config().model)
     s = m.moe
     assert s.routed_k * s.fine_hidden + s.shared_hidden == 512, name
     assert s.num_routed * s.fine_hidden + s.shared_hidden == 4096, name

@@ -23,21 +23,75 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.layers import losses
-from moejax.layers.dense import SwiGLU
 from jax.sharding import PartitionSpec as P
 
+from moejax.errors import ConfigError
+from moejax.layers import losses
+from moejax.layers.dense import SwiGLU
 from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
+from moejax.logs import log_once
+from moejax.ops.grouped_matmul import resolve_backend
 from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 Array = jax.Array
 
 
+def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
+                     ref=lambda name: name) -> None:
+  """Raises one ``ConfigError`` for the first field of an MoE spec that cannot work.
+
+  ``v`` maps field names to values (a ``MoESpec`` or the ``config.model.moe`` ConfigDict);
+  ``key``/``ref`` spell a field in the message (``MoESpec.top_k`` here, ``config.model.moe.top_k``
+  from config validation), so both entry points share one set of rules and wordings.
+  """
+  def require(ok, name, msg):
+    if not ok:
+      raise ConfigError(f"{key(name)}: {msg}")
+
+  for name in ("num_experts", "top_k", "expert_hidden", "segments", "capacity_factor",
+               "num_device_groups", "row_align", "balance_micro_batches"):
+    require(v[name] > 0, name, f"must be > 0, got {v[name]!r}")
+  require(v["top_k"] <= v["num_experts"], "top_k",
+          f"must be <= {ref('num_experts')}={v['num_experts']}, got {v['top_k']}")
+  require(v["expert_hidden"] % v["segments"] == 0, "segments",
+          f"must divide {ref('expert_hidden')}={v['expert_hidden']} (each expert is split into "
+          f"segments of equal hidden size), got {v['segments']}")
+  active = v["segments"] * v["top_k"]
+  require(0 <= v["num_shared_experts"] < active, "num_shared_experts",
+          f"must be in [0, segments*top_k={active}) so at least one expert is routed, "
+          f"got {v['num_shared_experts']}")
+  require(v["router"] in ROUTERS, "router",
+          f"got {v['router']!r}; allowed: {', '.join(map(repr, ROUTERS))}")
+  require(v["dispatch"] in PLANNERS, "dispatch",
+          f"got {v['dispatch']!r}; allowed: {', '.join(map(repr, PLANNERS))}")
+  for name, allowed in (("expert_parallel", ("auto", "none")),
+                        ("all_to_all", ("auto", "ragged", "padded")),
+                        ("load_balance_scope", ("micro_batch", "global_batch"))):
+    require(v[name] in allowed, name, f"got {v[name]!r}; allowed: {', '.join(map(repr, allowed))}")
+  require(v["ragged_buffer_factor"] >= 0, "ragged_buffer_factor",
+          f"must be >= 0 (0 = worst-case buffer, never drops), got {v['ragged_buffer_factor']}")
+  require(v["ragged_buffer_factor"] == 0 or v["all_to_all"] != "padded", "ragged_buffer_factor",
+          f"sizes the ragged exchange's buffer, but {ref('all_to_all')}='padded'; set it to 0 "
+          "or use all_to_all='ragged'/'auto'")
+  routed = v["segments"] * v["num_experts"] - v["num_shared_experts"]
+  require(routed % v["num_device_groups"] == 0, "num_device_groups",
+          f"must divide the routed experts (segments*num_experts-num_shared_experts={routed}),"
+          f" got {v['num_device_groups']}")
+  for name in ("load_balance_weight", "device_balance_weight", "z_loss_weight", "jitter_eps",
+               "noise_std"):
+    require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
-  """Hyper-parameters of one MoE block, in the units of the DeepSeekMoE paper."""
+  """Hyper-parameters of one MoE block, in the units of the DeepSeekMoE paper.
+
+  ``MoESpec.from_counts(routed_experts=63, active_experts=7, expert_hidden=64, shared_experts=1)``
+  states the routed and active experts directly instead (it sets segments = 1). The spec
+  validates itself: a setting that cannot work raises ``ConfigError`` naming the field.
+  """
   num_experts: int               # N, experts before fine-grained segmentation
   top_k: int                     # K, experts per token before segmentation
   expert_hidden: int             # d_ff of one unsegmented expert
@@ -66,6 +120,43 @@ class MoESpec:
   expert_parallel: str = "auto"
   all_to_all: str = "auto"       # "auto" | "ragged" | "padded" (see expert_parallel.py)
   ragged_buffer_factor: float = 0.0
+
+  def __post_init__(self):
+    check_moe_fields(self.__dict__)
+
+  @classmethod
+  def from_counts(cls, routed_experts: int, active_experts: int, expert_hidden: int,
+                  shared_experts: int = 0, **options) -> "MoESpec":
+    """Routed experts, routed experts active per token and one expert's hidden size, directly.
+
+    Shared experts (always on) have the same hidden size. Equivalent to the paper's notation
+    with m = 1: N = routed + shared, K = active + shared, K_s = shared.
+    """
+    for name, value in (("routed_experts", routed_experts), ("active_experts", active_experts)):
+      if value <= 0:
+        raise ConfigError(f"MoESpec.from_counts: {name} must be > 0, got {value}")
+    if active_experts > routed_experts:
+      raise ConfigError(f"MoESpec.from_counts: active_experts must be <= routed_experts="
+                        f"{routed_experts}, got {active_experts}")
+    return cls(num_experts=routed_experts + shared_experts, top_k=active_experts + shared_experts,
+               expert_hidden=expert_hidden, segments=1, num_shared_experts=shared_experts,
+               **options)
+
+  @classmethod
+  def from_config(cls, e) -> "MoESpec | None":
+    """From ``config.model.moe`` (validated): None for a dense model.
+
+    Experts are given either in the paper's units (num_experts, top_k, segments) or directly
+    (routed_experts, active_experts); config validation refuses both at once.
+    """
+    counts = ("num_experts", "top_k", "expert_hidden", "segments", "num_shared_experts")
+    options = {f.name: e[f.name] for f in dataclasses.fields(cls) if f.name not in counts}
+    if e.routed_experts > 0:
+      return cls.from_counts(e.routed_experts, e.active_experts, e.expert_hidden,
+                             e.num_shared_experts, **options)
+    if e.num_experts > 0:
+      return cls(**{name: e[name] for name in counts}, **options)
+    return None
 
   @property
   def num_routed(self) -> int:        # N' = mN - K_s
@@ -107,7 +198,9 @@ class MoEBlock(nn.Module):
     routing = router(tokens, deterministic=deterministic)
     experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")
-    if s.expert_parallel == "auto" and expert_axis_size() > 1:
+    ep = expert_axis_size() if s.expert_parallel == "auto" else 1
+    self._log_path(tokens.shape[0], ep)
+    if ep > 1:
       y, num_dropped = expert_parallel_ffn(
           tokens, routing.expert_index, routing.weight, experts.weights(),
           (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
@@ -122,6 +215,20 @@ class MoEBlock(nn.Module):
       y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(tokens)
     self._record(routing, num_dropped)
     return y.reshape(x.shape).astype(self.dtype)
+
+  def _log_path(self, num_tokens: int, ep: int) -> None:
+    """Says once per layer kind which program the layer traced to (expert-parallel or not)."""
+    s = self.spec
+    kind = (f"MoE layer ({s.num_routed} routed experts, top-{s.routed_k}, {s.dispatch}"
+            f"{', %d shared' % s.num_shared_experts if s.num_shared_experts else ''})")
+    if ep > 1:
+      path = (f"expert-parallel: shard_map over mesh axis 'expert' ({ep} devices, "
+              f"{s.num_routed // ep} experts each), all_to_all={s.all_to_all}")
+    else:
+      path = (f"single-device dispatch (no 'expert' mesh axis in context"
+              f"{'' if s.expert_parallel == 'auto' else ', expert_parallel=none'}), "
+              f"gmm backend {resolve_backend(s.gmm_backend)}")
+    log_once((s, ep, self.dtype), "%s: %s", kind, path)
 
   def _record(self, routing: RoutingResult, num_dropped: Array) -> None:
     s = self.spec

@@ -49,9 +49,7 @@ class ModelConfig:
   def from_config(cls, model) -> "ModelConfig":
     """Builds from the ``config.model`` ConfigDict (already validated)."""
     moe_cfg = model.moe
-    moe = None
-    if moe_cfg.num_experts > 0:
-      moe = MoESpec(**{f.name: moe_cfg[f.name] for f in dataclasses.fields(MoESpec)})
+    moe = MoESpec.from_config(moe_cfg)
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers"}
     return cls(moe=moe, moe_every=moe_cfg.moe_every,
                first_dense_layers=moe_cfg.first_dense_layers,

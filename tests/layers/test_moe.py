@@ -108,3 +108,50 @@ def test_dense_equivalent_when_one_expert():
   want = np_swiglu(np.asarray(x, np.float64), np.asarray(params["experts"]["wi"][0], np.float64),
                    np.asarray(params["experts"]["wo"][0], np.float64))
   np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(segments=3), r"MoESpec.segments: must divide expert_hidden=32"),
+    (dict(num_shared_experts=4), r"MoESpec.num_shared_experts: must be in \[0, segments\*top_k=4\)"),
+    (dict(top_k=5), r"MoESpec.top_k: must be <= num_experts=4, got 5"),
+    (dict(dispatch="magic"), r"MoESpec.dispatch: got 'magic'; allowed: 'dropless', 'capacity'"),
+    (dict(capacity_factor=0.0), r"MoESpec.capacity_factor: must be > 0"),
+])
+def test_spec_validates_itself(fields, message):
+  """A bad spec fails at construction, naming the field (not by flooring d_ff/m or in top_k)."""
+  from moejax.errors import ConfigError
+  with pytest.raises(ConfigError, match=message):
+    dataclasses.replace(SPEC, **fields)
+
+
+def test_routed_and_active_experts_stated_directly():
+  """from_counts(63 routed, 7 active, hidden 64, 1 shared) is DeepSeekMoE's N=16, K=2, m=4 layer:
+  same parameters, same output."""
+  direct = MoESpec.from_counts(routed_experts=6, active_experts=2, expert_hidden=16,
+                               shared_experts=2, renormalize=False)
+  assert (direct.num_routed, direct.routed_k, direct.fine_hidden, direct.shared_hidden) == (
+      SPEC.num_routed, SPEC.routed_k, SPEC.fine_hidden, SPEC.shared_hidden)
+  x = jax.random.normal(jax.random.key(5), (7, D))
+  block, params = _init(dataclasses.replace(SPEC, device_balance_weight=0.0, z_loss_weight=0.0),
+                        x)
+  y = MoEBlock(direct).apply({"params": params}, x)
+  np.testing.assert_allclose(y, block.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+  from moejax.errors import ConfigError
+  with pytest.raises(ConfigError, match="active_experts must be <= routed_experts=6, got 7"):
+    MoESpec.from_counts(routed_experts=6, active_experts=7, expert_hidden=16)
+
+
+def test_moe_path_is_logged_once_per_layer_kind(caplog):
+  import logging
+  from moejax import logs
+  x = jax.random.normal(jax.random.key(6), (2, 4, D))
+  spec = dataclasses.replace(SPEC, gmm_backend="xla")
+  block, params = _init(spec, x)
+  logs._seen.clear()
+  with caplog.at_level(logging.INFO, logger="moejax"):
+    for _ in range(3):
+      jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
+      block.apply({"params": params}, x)
+  lines = [r.getMessage() for r in caplog.records if "MoE layer" in r.getMessage()]
+  assert lines == ["MoE layer (6 routed experts, top-2, dropless, 2 shared): single-device "
+                   "dispatch (no 'expert' mesh axis in context), gmm backend xla"]
