@@ -77,7 +77,7 @@ def _config(mesh: dict):
 
 def measure(name: str, mesh: dict) -> dict:
   c = _config(mesh)
-  run = trainer._Run(c, f"/tmp/moejax_bench_sharding/{name}")
+  run = trainer.Trainer(c)
   step = trainer.make_train_step(run.model, run.tx, c, run.shardings, run.mesh)
   batch = trainer.train_batch(run.data, 0, run.mesh)
   with jax.set_mesh(run.mesh):
@@ -107,7 +107,7 @@ def ragged_volume(mesh: dict, platform: str = "tpu") -> dict:
   saved = expert_parallel._backend
   expert_parallel._backend = lambda: {"cuda": "gpu"}.get(platform, platform)
   try:
-    run = trainer._Run(c, "/tmp/moejax_bench_sharding/ragged")
+    run = trainer.Trainer(c)
     step = trainer.make_train_step(run.model, run.tx, c, run.shardings, run.mesh)
     batch = trainer.train_batch(run.data, 0, run.mesh)
     with jax.set_mesh(run.mesh):

@@ -17,11 +17,22 @@ class Checkpointer:
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
+  @property
+  def directory(self) -> str:
+    return str(self.manager.directory)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state) -> None:
+    """Starts an asynchronous save of ``state`` as ``step`` (a step already saved is kept)."""
+    if step in self.manager.all_steps():
+      return
     self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self.manager.wait_until_finished()
 
   def restore(self, state_like, step: int | None = None):
     """Restores into the structure, dtypes and shardings of ``state_like``."""

@@ -1,11 +1,19 @@
-"""Metrics: flatten sown MoE intermediates and append JSON lines to ``workdir/metrics.jsonl``."""
+"""Metrics: flatten sown MoE intermediates; write ``workdir/metrics.jsonl`` and TensorBoard.
+
+``metrics.jsonl`` has one JSON object per (step, split). A resumed run first drops the rows past
+its checkpoint (logged by the interrupted run, then recomputed), so every row appears once;
+TensorBoard's event files are told the same with ``purge_step``.
+"""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def flatten_intermediates(tree) -> dict:
@@ -35,19 +43,64 @@ def _jsonable(v):
   return v.item() if v.ndim == 0 else v.tolist()
 
 
+def _rewrite(path: str, records: list[dict]) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics-")
+  with os.fdopen(fd, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  os.replace(tmp, path)
+
+
 class MetricsWriter:
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  """Appends records to ``metrics.jsonl`` and their scalars to ``workdir/tensorboard``.
+
+  ``start_step``: the step the run starts from; rows after it are dropped first. Writing a
+  (step, split) that is already there replaces that row (a finished run evaluated again).
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True,
+               tensorboard: bool = True):
+    self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = enabled
+    self._records: list[dict] = []
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      old = read_metrics(workdir)
+      self._records = [r for r in old if r["step"] <= start_step]
+      if len(self._records) != len(old):
+        _rewrite(self.path, self._records)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None, flush_secs=30)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    key = (record["step"], record.get("split"))
+    same = [i for i, r in enumerate(self._records) if (r["step"], r.get("split")) == key]
+    if same:
+      self._records[same[0]] = record
+      _rewrite(self.path, self._records)
+    else:
+      self._records.append(record)
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      split = record.get("split", "train")
+      for name, value in record.items():
+        if (name not in ("step", "split") and isinstance(value, (int, float))
+            and np.isfinite(value)):   # e.g. no throughput yet on the compile step
+          self._tb.add_scalar(f"{split}/{name}", value, record["step"])
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]

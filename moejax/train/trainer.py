@@ -1,153 +1,54 @@
-"""Training, evaluation and sampling loops: one readable file, the big_vision way.
+"""Training, evaluation and sampling: the ``Trainer`` (one run) and the three ``run.py`` modes.
 
-State is a plain dict {step, params, opt_state} so orbax saves and restores it as is. Every
-source of randomness is a function of (config.seed, step), and the data stream is random-access
-by step, so a resumed run is bit-identical to an uninterrupted one.
+``Trainer`` is the Python API (notebooks, scripts) and what ``run.py`` drives:
+
+    trainer = Trainer(config, workdir)     # validates, reads data, builds, restores if it can
+    trainer.train()                        # to config.train.steps, or .train(steps=100) more
+    trainer.evaluate(); trainer.sample("The "); trainer.save()
+    trainer = Trainer.from_workdir(workdir)   # the model as trained: config.json + checkpoint
+
+A resumed run is bit-identical to an uninterrupted one: the data stream is random-access by
+step and every random number is a function of (seed, step). The loop never saves a non-finite
+state, and Ctrl-C saves a checkpoint at the current step before stopping.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import os
+import signal
+import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
-from jax.sharding import Mesh
 
 from moejax import config as config_lib
-from moejax.models.transformer import ModelConfig, Transformer
-from moejax.parallel import sharding as sharding_lib
+from moejax import logs
+from moejax.errors import ConfigError
+from moejax.logs import progress as say
 from moejax.parallel.mesh import batch_axes_size, make_mesh
-from moejax.parallel.rules import LOGICAL_AXIS_RULES
 from moejax.train import data as data_lib
 from moejax.train import metrics as metrics_lib
+from moejax.train import workdir as workdir_lib
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.optimizer import learning_rate_schedule, make_optimizer
+from moejax.train.optimizer import make_optimizer
 from moejax.train.sampling import sample
-
-_MUTABLE = ["losses", "intermediates"]
-
-
-def build_model(config) -> Transformer:
-  return Transformer(ModelConfig.from_config(config.model))
+# The functional core, re-exported: tests, benchmarks and users build steps from these.
+from moejax.train.steps import (build_model, evaluate, init_params, init_state,  # noqa: F401
+                                loss_fn, make_eval_step, make_train_step, train_batch, val_batch)
 
 
-def _init_tokens(config):
-  return jnp.zeros((1, config.data.seq_len), jnp.int32)
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss or gradient; nothing was saved for that step."""
 
 
-def init_params(model: Transformer, config, rng: jax.Array):
-  """Returns (params, logical_specs): unboxed f32 params and their logical axis names."""
-  boxed = model.init({"params": rng}, _init_tokens(config))["params"]
-  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
-
-
-def init_state(model, config, tx, mesh: Mesh):
-  """Initialises {step, params, opt_state} directly into its shardings on ``mesh``.
-
-  Returns (state, shardings, logical_specs). Nothing is materialised unsharded, so a model
-  larger than one device's memory initialises fine.
-  """
-  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-  tokens = _init_tokens(config)
-  specs = nn.get_partition_spec(
-      jax.eval_shape(lambda r: model.init({"params": r}, tokens)["params"], rng))
-
-  def _init(r):
-    params = nn.meta.unbox(model.init({"params": r}, tokens)["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  shape = jax.eval_shape(_init, rng)
-  sharding_lib.check_divisible(shape["params"], specs, mesh)
-  shardings = sharding_lib.state_shardings(shape, specs, tx, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(_init, out_shardings=shardings)(rng)
-  return state, shardings, specs
-
-
-def loss_fn(model, params, batch, rng, deterministic):
-  """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
-  inputs, targets = batch[:, :-1], batch[:, 1:]
-  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    logits, mutated = model.apply({"params": params}, inputs, deterministic=deterministic,
-                                  rngs={"router": rng}, mutable=_MUTABLE)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
-  aux = jnp.asarray(aux, jnp.float32)
-  return ce + aux, (ce, aux, mutated.get("intermediates", {}))
-
-
-def _on_mesh(fn, mesh):
-  """Runs a jitted function with ``mesh`` current, so logical constraints resolve on it."""
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return fn(*args)
-  call.jitted, call.mesh = fn, mesh        # for .lower(...) in benchmarks and tests
-  return call
-
-
-def make_train_step(model, tx, config, shardings, mesh: Mesh):
-  schedule = learning_rate_schedule(config.train)
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(base_rng, state["step"])
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng, False), has_aux=True)
-    (loss, (ce, aux, inter)), grads = grad_fn(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), "moe": inter}
-    return new_state, metrics
-
-  step = jax.jit(train_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
-  return _on_mesh(step, mesh)
-
-
-def make_eval_step(model, shardings, mesh: Mesh):
-  def eval_step(params, batch):
-    _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
-    return ce, inter
-  step = jax.jit(eval_step, in_shardings=(shardings["params"], sharding_lib.batch_sharding(mesh)))
-  return _on_mesh(step, mesh)
-
-
-def put_batch(read_rows, batch_size: int, seq_len: int, mesh: Mesh) -> jax.Array:
-  """Global [B, L+1] batch sharded over the batch axes; each device reads only its own rows via
-  ``read_rows(rows)``, so a process never touches rows that live on other hosts."""
-  cache = {}
-
-  def shard(index):
-    rows = range(*index[0].indices(batch_size))
-    if rows not in cache:                 # devices that replicate a slice read it once
-      cache[rows] = read_rows(rows)
-    return cache[rows]
-
-  return jax.make_array_from_callback((batch_size, seq_len + 1),
-                                      sharding_lib.batch_sharding(mesh), shard)
-
-
-def train_batch(data: data_lib.TextData, step: int, mesh: Mesh) -> jax.Array:
-  return put_batch(lambda rows: data.batch(step, rows), data.batch_size,
-                   data.seq_len, mesh)
-
-
-def val_batch(data: data_lib.TextData, i: int, mesh: Mesh) -> jax.Array:
-  return put_batch(lambda rows: data.val_batch(i, rows), data.batch_size,
-                   data.seq_len, mesh)
-
-
-def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int, mesh: Mesh) -> dict:
-  n = min(data.num_val_batches, max_batches)
-  losses = [float(eval_step(params, val_batch(data, i, mesh))[0]) for i in range(n)]
-  loss = float(np.mean(losses))
-  return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2)}
+@dataclasses.dataclass
+class TrainResult:
+  """What ``Trainer.train`` did: the last logged metrics, where it stopped and why."""
+  step: int
+  metrics: dict
+  finished: bool            # reached config.train.steps
+  interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved if there is a workdir)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -155,111 +56,260 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _describe(config, params) -> str:
-  m = config.model
+def describe_model(model, params) -> str:
+  c = model.cfg
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  kind = "dense" if m.moe.num_experts == 0 else (
-      f"MoE N={m.moe.num_experts} K={m.moe.top_k} m={m.moe.segments} "
-      f"shared={m.moe.num_shared_experts} router={m.moe.router} dispatch={m.moe.dispatch}")
-  return f"{kind}, {m.num_layers} layers, d_model={m.d_model}, {n_params / 1e6:.2f}M params"
+  s = c.moe
+  kind = "dense" if s is None else (
+      f"MoE: {s.num_routed} routed experts of hidden {s.fine_hidden}, top-{s.routed_k}"
+      f"{f', {s.num_shared_experts} shared' if s.num_shared_experts else ''}, router={s.router}, "
+      f"dispatch={s.dispatch}")
+  return f"{kind}, {c.num_layers} layers, d_model={c.d_model}, {n_params / 1e6:.2f}M params"
 
 
-class _Run:
-  """What every mode needs: validated config, mesh, model, optimizer, sharded state, data."""
+class _Sigint:
+  """Turns the first Ctrl-C into a request to stop after the current step (main thread only);
+  a second Ctrl-C interrupts at once."""
 
-  def __init__(self, config, workdir):
+  def __enter__(self):
+    self.requested, self._old = False, None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    say("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+  """One run: validated config, mesh, data, model, optimizer, sharded state, checkpoints.
+
+  Everything that can be wrong with the settings (config values, data, workdir, a model that
+  differs from the one saved in ``workdir``) raises ``ConfigError`` before a model is built.
+  ``workdir=None`` trains in memory (no checkpoints or metrics files; ``history`` still fills).
+  """
+
+  def __init__(self, config, workdir: str | None = None, *, restore: bool = True):
     config_lib.validate(config)
+    self.config, self.workdir = config, workdir
     self.mesh = make_mesh(config.mesh)
     ways = batch_axes_size(self.mesh)
     if config.data.batch_size % ways:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.data.batch_size: must be divisible by the batch-splitting mesh axes "
           f"(data*fsdp*expert = {ways}), got {config.data.batch_size}")
-    os.makedirs(workdir, exist_ok=True)
-    self.config, self.workdir = config, workdir
+    self.data = data_lib.make_data(config.data, config.seed)
+    saved_step = None
+    if workdir is not None:
+      workdir_lib.prepare(workdir)
+      saved_step = workdir_lib.latest_checkpoint(workdir) if restore else None
+      saved = workdir_lib.load_config(workdir)
+      if saved_step is not None and saved is not None:
+        diffs = workdir_lib.check_compatible(saved, config, workdir, "resume")
+        if diffs:
+          say(workdir_lib.describe_changes(diffs, workdir))
     self.model = build_model(config)
     self.tx = make_optimizer(config.train)
     self.state, self.shardings, self.specs = init_state(self.model, config, self.tx, self.mesh)
-    self.ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
-    self.data = data_lib.make_data(config.data, config.seed)
+    self.ckpt = Checkpointer(workdir, config.train.keep_checkpoints) if workdir else None
     self.eval_step = make_eval_step(self.model, self.shardings, self.mesh)
+    self._train_step = None
+    self.history: list[dict] = []       # every record logged by this object
+    if saved_step is not None:
+      self.restore(saved_step)
 
-  def evaluate(self):
-    return evaluate(self.eval_step, self.state["params"], self.data, self.config.data.eval_batches,
-                    self.mesh)
+  @classmethod
+  def from_workdir(cls, workdir: str, overrides: dict | None = None, *,
+                   mode: str = "eval") -> "Trainer":
+    """The model as trained in ``workdir`` (its config.json + latest checkpoint).
+
+    ``overrides`` ({'data.path': ..., 'sample.temperature': 0}) may change anything that does
+    not define the trained model; a model setting raises ``ConfigError`` naming it.
+    """
+    workdir_lib.require_trained(workdir, mode)
+    saved = workdir_lib.load_config(workdir)
+    config = config_lib.apply_overrides(saved, overrides or {})
+    action = {"eval": "evaluate", "sample": "sample from"}.get(mode, mode)
+    workdir_lib.check_compatible(saved, config, workdir, action)
+    return cls(config, workdir)
+
+  # ------------------------------------------------------------------ state
+  @property
+  def step(self) -> int:
+    return int(self.state["step"])
+
+  @property
+  def params(self):
+    return self.state["params"]
+
+  def save(self) -> str:
+    """Checkpoints the current state (atomically) and returns its directory."""
+    if self.ckpt is None:
+      raise ValueError("Trainer(workdir=None) has nowhere to save; pass a workdir")
+    self.ckpt.save(self.step, self.state)
+    self.ckpt.wait()
+    return f"{self.ckpt.directory}/{self.step}"
+
+  def restore(self, step: int | None = None) -> int:
+    """Loads a checkpoint (the latest by default) into the state's shardings."""
+    if self.ckpt is None:
+      raise ValueError("Trainer(workdir=None) has no checkpoints to restore")
+    try:
+      self.state = self.ckpt.restore(self.state, step)
+    except Exception as e:   # orbax: structure, shape or dtype mismatch, a damaged checkpoint
+      first = str(e).strip().splitlines()[0]
+      raise ConfigError(f"--workdir={self.workdir}: checkpoint does not fit this model "
+                        f"({first[:300]})") from None
+    return self.step
+
+  # ------------------------------------------------------------------ training
+  def train(self, steps: int | None = None, *, progress: str | None = "log") -> TrainResult:
+    """Trains to ``config.train.steps`` (or ``steps`` more, at most to it).
+
+    progress: "log" prints a line every ``train.log_every`` steps, "bar" shows a progress bar
+    (tqdm; notebooks), None is silent. Logs to ``history`` (and the workdir's metrics.jsonl and
+    TensorBoard). Raises ``NonFiniteLossError`` at the first step with a NaN/inf loss or
+    gradient, having saved nothing for it.
+    """
+    if progress not in ("log", "bar", None):
+      raise ValueError(f"progress must be 'log', 'bar' or None, got {progress!r}")
+    t, start = self.config.train, self.step
+    stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
+    if steps is not None:
+      stop = min(stop, start + steps)
+    if self._train_step is None:
+      self._train_step = make_train_step(self.model, self.tx, self.config, self.shardings,
+                                         self.mesh)
+    main = jax.process_index() == 0
+    writer = metrics_lib.MetricsWriter(self.workdir, start, enabled=main) if self.workdir else None
+    if self.workdir and main and start < stop:
+      workdir_lib.save_config(self.workdir, self.config)   # the run really starts here
+    bar = _bar(start, stop, t.steps) if progress == "bar" else None
+    log = lambda msg: say(msg) if progress == "log" else None
+    try:
+      result = self._loop(start, stop, writer, bar, log)
+    finally:
+      if bar is not None:
+        bar.close()
+      if writer is not None:
+        writer.close()
+      if self.ckpt is not None:
+        self.ckpt.wait()
+    return result
+
+  def _loop(self, start, stop, writer, bar, log) -> TrainResult:
+    t = self.config.train
+    tokens_per_step = self.config.data.batch_size * self.config.data.seq_len
+    timer_start, timer_step, last, pending = None, start, {}, None
+    with _Sigint() as sigint:
+      for step in range(start, stop):
+        self.state, metrics = self._train_step(self.state, train_batch(self.data, step, self.mesh))
+        done = step + 1
+        if pending is not None:        # the previous step has finished by now: no stall
+          self._check_finite(*pending)
+        pending = (done, metrics)
+        if timer_start is None:        # exclude compilation from throughput and ETA
+          jax.block_until_ready(self.state["step"])
+          timer_start, timer_step = time.perf_counter(), done
+        if bar is not None:
+          bar.update(1)
+        if (done % t.log_every == 0 or done == stop or done == start + 1
+            or sigint.requested):
+          self._check_finite(done, metrics)
+          elapsed = time.perf_counter() - timer_start
+          rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else None
+          last = self._log_train(done, metrics, rate, tokens_per_step, writer, bar, log)
+        if done % t.eval_every == 0 and done != t.steps:
+          self._check_finite(done, metrics)
+          ev = self.evaluate()
+          self._record(writer, done, {"split": "val", **ev})
+          log(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}")
+        if sigint.requested or done % t.checkpoint_every == 0 or done == stop:
+          self._check_finite(done, metrics)
+          if self.ckpt is not None:
+            self.ckpt.save(done, self.state)
+        if sigint.requested:
+          where = f"checkpoint saved in {self.workdir}" if self.ckpt else "no workdir: not saved"
+          say(f"interrupted at step {done}/{t.steps}: {where}; train again to resume")
+          return TrainResult(done, last, finished=False, interrupted=True)
+    return TrainResult(self.step, last, finished=self.step >= t.steps)
+
+  def _check_finite(self, done: int, metrics) -> None:
+    if bool(metrics["finite"]):
+      return
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+    what = "loss" if not np.isfinite(loss) else "gradient"
+    kept = workdir_lib.latest_checkpoint(self.workdir) if self.workdir else None
+    if self.ckpt is not None:
+      self.ckpt.wait()
+      kept = workdir_lib.latest_checkpoint(self.workdir)
+    saved = (f"the last checkpoint (step {kept}) is kept" if kept is not None
+             else "there is no earlier checkpoint")
+    raise NonFiniteLossError(
+        f"training stopped: non-finite {what} at step {done} (loss {loss}, grad norm {gnorm}); "
+        f"nothing was saved for it, {saved}. Lower train.learning_rate "
+        f"(now {self.config.train.learning_rate}) or set train.grad_clip.")
+
+  def _log_train(self, done, metrics, rate, tokens_per_step, writer, bar, log) -> dict:
+    metrics = jax.device_get(metrics)
+    moe = metrics_lib.flatten_intermediates(metrics.pop("moe"))
+    metrics.pop("finite")
+    last = {k: float(v) for k, v in metrics.items()}
+    last.update(metrics_lib.summarize_moe(moe))
+    last["tokens_per_sec"] = rate * tokens_per_step if rate else float("nan")
+    self._record(writer, done, {"split": "train", **last, **moe})
+    t = self.config.train
+    moe_txt = (f" | drop {last['drop_fraction']:.2%} | H(router) {last['router_entropy']:.2f}"
+               if "drop_fraction" in last else "")
+    speed = f"{last['tokens_per_sec']:,.0f} tok/s" if rate else "compiled"
+    eta = _fmt_time((t.steps - done) / rate) if rate else "?"
+    log(f"step {done:>5}/{t.steps} | loss {last['loss']:.4f} (ce {last['ce']:.4f}, aux "
+        f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {speed}{moe_txt} | ETA {eta}")
+    if bar is not None:
+      bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+    return last
+
+  def _record(self, writer, step: int, record: dict) -> None:
+    self.history.append({"step": step, **{k: np.asarray(v).tolist() if not isinstance(v, str)
+                                          else v for k, v in record.items()}})
+    if writer is not None:
+      writer.write(step, record)
+
+  # ------------------------------------------------------------------ eval, sampling
+  def evaluate(self, max_batches: int | None = None) -> dict:
+    """Validation loss/perplexity/bits-per-byte, and ``val_data``: which data they come from."""
+    n = self.config.data.eval_batches if max_batches is None else max_batches
+    return evaluate(self.eval_step, self.params, self.data, n, self.mesh)
+
+  def sample(self, prompt: str | None = None, num_tokens: int | None = None,
+             temperature: float | None = None, seed: int | None = None) -> str:
+    """Continues ``prompt`` (defaults: ``config.sample``); temperature 0 is greedy."""
+    s = self.config.sample
+    prompt = s.prompt if prompt is None else prompt
+    tokens = sample(self.model, self.params, data_lib.encode(prompt),
+                    s.num_tokens if num_tokens is None else num_tokens, self.config.data.seq_len,
+                    s.temperature if temperature is None else temperature,
+                    jax.random.key(s.seed if seed is None else seed))
+    return data_lib.decode(tokens)
+
+  def close(self) -> None:
+    if self.ckpt is not None:
+      self.ckpt.close()
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates and samples."""
-  run = _Run(config, workdir)
-  model, tx, state, ckpt, data, mesh = run.model, run.tx, run.state, run.ckpt, run.data, run.mesh
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    print(f"resumed from {workdir} at step {int(state['step'])}", flush=True)
-  print(f"model: {_describe(config, state['params'])}", flush=True)
-  print(f"data: {data.source}: {data.num_train_tokens} train / {data.num_val_tokens} val tokens",
-        flush=True)
-
-  t = config.train
-  print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices, "
-        f"{jax.process_count()} process(es)", flush=True)
-  train_step = make_train_step(model, tx, config, run.shardings, mesh)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  start = int(state["step"])
-  timer_start, timer_step = None, start
-  last = {}
-  stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
-  for step in range(start, stop):
-    state, metrics = train_step(state, train_batch(data, step, mesh))
-    done = step + 1
-    if timer_start is None:                    # exclude compilation from throughput and ETA
-      jax.block_until_ready(state["step"])
-      timer_start, timer_step = time.perf_counter(), done
-    if done % t.log_every == 0 or done == t.steps or done == start + 1:
-      metrics = jax.device_get(metrics)
-      moe = metrics_lib.flatten_intermediates(metrics.pop("moe"))
-      elapsed = time.perf_counter() - timer_start
-      rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else float("nan")
-      last = {k: float(v) for k, v in metrics.items()}
-      last.update(metrics_lib.summarize_moe(moe))
-      last["tokens_per_sec"] = rate * tokens_per_step
-      writer.write(done, {"split": "train", **last, **moe})
-      moe_txt = (f" | drop {last['drop_fraction']:.2%} | H(router) {last['router_entropy']:.2f}"
-                 if "drop_fraction" in last else "")
-      eta = _fmt_time((t.steps - done) / rate) if rate == rate else "?"
-      speed = (f"{last['tokens_per_sec']:,.0f} tok/s" if rate == rate else "compiled")
-      print(f"step {done:>5}/{t.steps} | loss {last['loss']:.4f} (ce {last['ce']:.4f}, aux "
-            f"{last['aux']:.4f}) | lr {last['lr']:.2e} | {speed}"
-            f"{moe_txt} | ETA {eta}", flush=True)
-    if done % t.eval_every == 0 and done != t.steps:
-      run.state = state
-      ev = run.evaluate()
-      writer.write(done, {"split": "val", **ev})
-      print(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}",
-            flush=True)
-    if done % t.checkpoint_every == 0 or done == stop:
-      ckpt.save(done, state)
-  ckpt.close()
-  if stop < t.steps:
-    print(f"stopped at step {stop}/{t.steps} (train.max_steps_per_run={t.max_steps_per_run}); "
-          f"run train again with --workdir={workdir} to resume", flush=True)
-    return {"state": state, "train": last, "eval": None, "sample": None}
-
-  run.state = state
-  ev = run.evaluate()
-  writer.write(int(state["step"]), {"split": "val", **ev})
-  print(f"final | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
-        f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
-  if jax.process_index() == 0:
-    print(f"plots: {_plot(workdir)}", flush=True)
-  text = _sample_text(model, state["params"], config)
-  print(f"sample (temperature {config.sample.temperature}):\n{text}", flush=True)
-  return {"state": state, "train": last, "eval": ev, "sample": text}
+def _bar(start: int, stop: int, total: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=stop - start, initial=0, desc=f"steps {start}->{stop} of {total}", unit="step")
 
 
+# ---------------------------------------------------------------------- run.py modes
 def _plot(workdir: str) -> str:
   try:
     from moejax.analysis.plots import plot_run
@@ -268,32 +318,64 @@ def _plot(workdir: str) -> str:
     return f"skipped ({e})"
 
 
-def _restored(config, workdir) -> _Run:
-  run = _Run(config, workdir)
-  run.state = run.ckpt.restore(run.state)
-  run.ckpt.close()
-  return run
+def _eval_line(prefix: str, step: int, ev: dict) -> str:
+  return (f"{prefix} | step {step} | val loss {ev['val_loss']:.4f} | val ppl {ev['val_ppl']:.3f} | "
+          f"{ev['val_bpb']:.3f} bits/byte\n  data: {ev['val_data']}")
 
 
-def eval_only(config, workdir: str) -> dict:
-  run = _restored(config, workdir)
-  state = run.state
-  ev = run.evaluate()
-  print(f"eval | step {int(state['step'])} | val loss {ev['val_loss']:.4f} | "
-        f"val ppl {ev['val_ppl']:.3f} | {ev['val_bpb']:.3f} bits/byte", flush=True)
-  print(json.dumps(ev), flush=True)
+def train(config, workdir: str) -> dict:
+  """``--mode=train``: trains (resuming from the latest checkpoint), evaluates, plots, samples."""
+  trainer = Trainer(config, workdir)
+  logs.log_to_file(workdir, jax.process_index())
+  start = trainer.step
+  if start:
+    say(f"resumed from {workdir} at step {start}")
+  say(f"model: {describe_model(trainer.model, trainer.params)}")
+  say(f"data: {trainer.data.source}: {trainer.data.num_train_tokens} train / "
+      f"{trainer.data.num_val_tokens} val tokens")
+  say(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+      f"devices, {jax.process_count()} process(es)")
+  try:
+    result = trainer.train()
+  finally:
+    trainer.close()
+  out = {"state": trainer.state, "train": result.metrics, "eval": None, "sample": None,
+         "interrupted": result.interrupted}
+  if result.interrupted:
+    return out
+  if not result.finished:
+    say(f"stopped at step {result.step}/{config.train.steps} (train.max_steps_per_run="
+        f"{config.train.max_steps_per_run}); run train again with --workdir={workdir} to resume")
+    return out
+  ev = trainer.evaluate()
+  if jax.process_index() == 0:
+    writer = metrics_lib.MetricsWriter(workdir, result.step)
+    writer.write(result.step, {"split": "val", **ev})
+    writer.close()
+  say(_eval_line("final", result.step, ev))
+  if jax.process_index() == 0:
+    say(f"plots: {_plot(workdir)}")
+  out["eval"], out["sample"] = ev, trainer.sample()
+  say(f"sample (temperature {config.sample.temperature}):\n{out['sample']}")
+  return out
+
+
+def eval_only(workdir: str, overrides: dict | None = None) -> dict:
+  """``--mode=eval``: the workdir's model on its (or an overridden) validation data."""
+  trainer = Trainer.from_workdir(workdir, overrides, mode="eval")
+  logs.log_to_file(workdir, jax.process_index())
+  ev = trainer.evaluate()
+  trainer.close()
+  say(_eval_line("eval", trainer.step, ev))
+  say(json.dumps(ev))
   return ev
 
 
-def _sample_text(model, params, config) -> str:
-  s = config.sample
-  tokens = sample(model, params, data_lib.encode(s.prompt), s.num_tokens, config.data.seq_len,
-                  s.temperature, jax.random.key(s.seed))
-  return data_lib.decode(tokens)
-
-
-def sample_only(config, workdir: str) -> str:
-  run = _restored(config, workdir)
-  text = _sample_text(run.model, run.state["params"], config)
-  print(text, flush=True)
+def sample_only(workdir: str, overrides: dict | None = None) -> str:
+  """``--mode=sample``: continues ``sample.prompt`` with the workdir's model."""
+  trainer = Trainer.from_workdir(workdir, overrides, mode="sample")
+  logs.log_to_file(workdir, jax.process_index())
+  text = trainer.sample()
+  trainer.close()
+  say(text)
   return text

@@ -255,7 +255,7 @@ def test_auto_lowers_to_ragged_all_to_all_on_gpu_and_tpu(monkeypatch, platform, 
   c.model.moe.gmm_backend = "xla"     # the kernels themselves are tested in tests/pallas_kernels
   c.mesh.update(MESH)
   c.mesh.num_devices = -1
-  run = trainer._Run(c, "/tmp/moejax_unused_workdir")
+  run = trainer.Trainer(c)
   loss = lambda p, b: trainer.loss_fn(run.model, p, b, jax.random.key(1), False)[0]
   fn = jax.jit(jax.grad(loss), in_shardings=(run.shardings["params"],
                                              sharding_lib.batch_sharding(run.mesh)))

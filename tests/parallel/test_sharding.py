@@ -53,7 +53,7 @@ def _skew(params):
 
 
 def _loss_and_grads(config, skew):
-  run = trainer._Run(config, "/tmp/moejax_unused_workdir")
+  run = trainer.Trainer(config)
   params = run.state["params"]
   if skew:
     params = _skew(params)
@@ -106,7 +106,7 @@ def test_one_step_matches_single_device(kind, skew, mesh):
 def test_golden_sharding_snapshot(name):
   """Each parameter's logical axes and PartitionSpec; regenerate with MOEJAX_UPDATE_GOLDEN=1
   after reviewing the diff."""
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"moejax.configs.{name}").get_config()
   model = trainer.build_model(config)
   boxed = jax.eval_shape(lambda r: model.init({"params": r}, jnp.zeros((1, 8), jnp.int32)),
                          jax.random.key(0))["params"]
@@ -121,7 +121,7 @@ def test_golden_sharding_snapshot(name):
 
 def test_checkpoint_restores_across_meshes(tmp_path):
   wd = str(tmp_path)
-  src = trainer._Run(_config("gshard", MESHES["data2_expert4"]), wd)
+  src = trainer.Trainer(_config("gshard", MESHES["data2_expert4"]), wd)
   step = trainer.make_train_step(src.model, src.tx, src.config, src.shardings, src.mesh)
   state, _ = step(src.state, trainer.train_batch(src.data, 0, src.mesh))
   src.ckpt.save(1, state)
@@ -130,7 +130,7 @@ def test_checkpoint_restores_across_meshes(tmp_path):
   _, next_metrics = step(state, trainer.train_batch(src.data, 1, src.mesh))
 
   for mesh in [None, dict(data=2, fsdp=2, expert=2, tensor=1)]:
-    dst = trainer._Run(_config("gshard", mesh), wd)
+    dst = trainer.Trainer(_config("gshard", mesh), wd)
     restored = dst.ckpt.restore(dst.state)
     for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
                        jax.tree.leaves(dst.shardings)):
@@ -155,19 +155,19 @@ def test_indivisible_parameter_is_a_clear_error():
   c = _config("gshard", dict(data=1, fsdp=1, expert=8, tensor=1))   # 4 experts, 8 ways
   with pytest.raises(ConfigError, match=r"experts/wi dimension 0 \(logical 'expert', size 4\) "
                                         r"cannot be split 8 ways"):
-    trainer._Run(c, "/tmp/moejax_unused_workdir")
+    trainer.Trainer(c)
 
 
 def test_batch_must_divide_batch_axes():
   c = _config("dense", dict(data=8, fsdp=1, expert=1, tensor=1))
   c.data.batch_size = 4
   with pytest.raises(ConfigError, match=r"data.batch_size: must be divisible .* = 8\)"):
-    trainer._Run(c, "/tmp/moejax_unused_workdir")
+    trainer.Trainer(c)
 
 
 def _programs(config):
   """(jaxpr text, compiled HLO text) of the loss on the config's mesh."""
-  run = trainer._Run(config, "/tmp/moejax_unused_workdir")
+  run = trainer.Trainer(config)
   loss = lambda p, b: trainer.loss_fn(run.model, p, b, jax.random.key(1), False)[0]
   fn = jax.jit(loss, in_shardings=(run.shardings["params"], sharding_lib.batch_sharding(run.mesh)))
   batch = trainer.train_batch(run.data, 0, run.mesh)
@@ -186,3 +186,16 @@ def test_expert_parallel_path_runs_shard_map_with_all_to_all(kind):
   assert "shard_map" not in _programs(off)[0]
   single = _config(kind)                         # no expert axis: the plain path
   assert "shard_map" not in _programs(single)[0]
+
+
+def test_step_called_outside_its_mesh_compiles_the_same_program():
+  """The expert-parallel path is chosen from the mesh seen while tracing; the step installs its
+  own, so calling the jitted step with no mesh current must not build a single-device MoE."""
+  run = trainer.Trainer(_config("gshard", MESHES["data2_expert4"]))
+  step = trainer.make_train_step(run.model, run.tx, run.config, run.shardings, run.mesh)
+  batch = trainer.train_batch(run.data, 0, run.mesh)
+  outside = step.jitted.lower(run.state, batch).as_text()
+  with jax.set_mesh(run.mesh):
+    inside = step.jitted.lower(run.state, batch).as_text()
+  assert "all_to_all" in outside
+  assert outside == inside

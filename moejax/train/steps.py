@@ -1,0 +1,169 @@
+"""The functional core of training: state init, loss, jitted train/eval steps, sharded batches.
+
+State is a plain dict {step, params, opt_state} so orbax saves and restores it as is. Every
+source of randomness is a function of (config.seed, step).
+
+Steps are compiled for one mesh: the mesh is installed *inside* the traced function, so calling
+``step.jitted`` outside ``jax.set_mesh`` compiles the same program (the MoE layer chooses its
+expert-parallel path from the mesh it sees while tracing).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from moejax.models.transformer import ModelConfig, Transformer
+from moejax.parallel import sharding as sharding_lib
+from moejax.parallel.rules import LOGICAL_AXIS_RULES
+from moejax.train import data as data_lib
+from moejax.train.optimizer import learning_rate_schedule
+
+_MUTABLE = ["losses", "intermediates"]
+
+
+def build_model(config) -> Transformer:
+  return Transformer(ModelConfig.from_config(config.model))
+
+
+def _init_tokens(config):
+  return jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+
+def init_params(model: Transformer, rng: jax.Array, seq_len: int = 8):
+  """Returns (params, logical_specs): unboxed f32 params and their logical axis names."""
+  boxed = model.init({"params": rng}, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def init_state(model, config, tx, mesh: Mesh):
+  """Initialises {step, params, opt_state} directly into its shardings on ``mesh``.
+
+  Returns (state, shardings, logical_specs). Nothing is materialised unsharded, so a model
+  larger than one device's memory initialises fine.
+  """
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  tokens = _init_tokens(config)
+  specs = nn.get_partition_spec(
+      jax.eval_shape(lambda r: model.init({"params": r}, tokens)["params"], rng))
+
+  def _init(r):
+    params = nn.meta.unbox(model.init({"params": r}, tokens)["params"])
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  shape = jax.eval_shape(_init, rng)
+  sharding_lib.check_divisible(shape["params"], specs, mesh)
+  shardings = sharding_lib.state_shardings(shape, specs, tx, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(_init, out_shardings=shardings)(rng)
+  return state, shardings, specs
+
+
+def apply_model(model, params, tokens, rng=None, deterministic=True):
+  """-> (logits, mutated collections {'losses', 'intermediates'}) under the logical-axis rules."""
+  rngs = {"router": rng} if rng is not None else {}
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    return model.apply({"params": params}, tokens, deterministic=deterministic, rngs=rngs,
+                       mutable=_MUTABLE)
+
+
+def loss_fn(model, params, batch, rng, deterministic):
+  """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  logits, mutated = apply_model(model, params, inputs, rng, deterministic)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
+  aux = jnp.asarray(aux, jnp.float32)
+  return ce + aux, (ce, aux, mutated.get("intermediates", {}))
+
+
+def _in_mesh(fn, mesh: Mesh):
+  """``fn`` traced with ``mesh`` as the abstract mesh, wherever the jitted call happens."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
+def _on_mesh(fn, mesh):
+  """Runs a jitted function with ``mesh`` current, so logical constraints resolve on it."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  call.jitted, call.mesh = fn, mesh        # for .lower(...) in benchmarks and tests
+  return call
+
+
+def make_train_step(model, tx, config, shardings, mesh: Mesh):
+  """(state, batch) -> (state, metrics). ``metrics['finite']`` is False when the loss or any
+  gradient is NaN/inf: the caller checks it without a host sync every step (see Trainer)."""
+  schedule = learning_rate_schedule(config.train)
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng, False), has_aux=True)
+    (loss, (ce, aux, inter)), grads = grad_fn(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": grad_norm,
+               "lr": schedule(state["step"]), "moe": inter,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return new_state, metrics
+
+  step = jax.jit(_in_mesh(train_step, mesh),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+  return _on_mesh(step, mesh)
+
+
+def make_eval_step(model, shardings, mesh: Mesh):
+  def eval_step(params, batch):
+    _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
+    return ce, inter
+  step = jax.jit(_in_mesh(eval_step, mesh),
+                 in_shardings=(shardings["params"], sharding_lib.batch_sharding(mesh)))
+  return _on_mesh(step, mesh)
+
+
+def put_batch(read_rows, batch_size: int, seq_len: int, mesh: Mesh) -> jax.Array:
+  """Global [B, L+1] batch sharded over the batch axes; each device reads only its own rows via
+  ``read_rows(rows)``, so a process never touches rows that live on other hosts."""
+  cache = {}
+
+  def shard(index):
+    rows = range(*index[0].indices(batch_size))
+    if rows not in cache:                 # devices that replicate a slice read it once
+      cache[rows] = read_rows(rows)
+    return cache[rows]
+
+  return jax.make_array_from_callback((batch_size, seq_len + 1),
+                                      sharding_lib.batch_sharding(mesh), shard)
+
+
+def train_batch(data: data_lib.TextData, step: int, mesh: Mesh) -> jax.Array:
+  return put_batch(lambda rows: data.batch(step, rows), data.batch_size,
+                   data.seq_len, mesh)
+
+
+def val_batch(data: data_lib.TextData, i: int, mesh: Mesh) -> jax.Array:
+  return put_batch(lambda rows: data.val_batch(i, rows), data.batch_size,
+                   data.seq_len, mesh)
+
+
+def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int, mesh: Mesh) -> dict:
+  """Mean validation cross-entropy over the first ``max_batches`` batches of the held-out split;
+  the result names its data (``val_data``) so a number is never read without its source."""
+  n = min(data.num_val_batches, max_batches)
+  losses = [float(eval_step(params, val_batch(data, i, mesh))[0]) for i in range(n)]
+  loss = float(np.mean(losses))
+  return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2),
+          "val_data": f"{data.source}, validation split: {n} batches x {data.batch_size} x "
+                      f"{data.seq_len} tokens"}
