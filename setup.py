@@ -5,7 +5,11 @@ setuptools.setup(
     name="moejax",
     version="0.1.0",
     description="Composable Mixture-of-Experts language models in JAX/Flax (Linen).",
-    packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*"]),
+    packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels",
+                                               "pallas_kernels.*"]) + ["moejax.configs"],
+    # The named configs live in the top-level configs/ (where run.py users look for them) and
+    # install as moejax.configs (so moejax.get_config("gshard") works from any install).
+    package_dir={"moejax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -18,9 +22,12 @@ setuptools.setup(
         "einops>=0.8",
         "absl-py>=2.1",
         "numpy>=2.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "nbclient>=0.10",
+                 "nbformat>=5.10", "ipykernel>=6.29"],
         "plots": ["matplotlib>=3.8"],
     },
 )

@@ -1,5 +1,5 @@
 """The default experiment (`make run`): DeepSeekMoE-style tiny LM on the embedded corpus."""
-from configs import deepseekmoe
+from moejax.configs import deepseekmoe
 
 
 def get_config():

@@ -43,7 +43,7 @@ def param_counts(config, params) -> tuple[int, int]:
 
 
 def run_one(name: str) -> dict:
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"moejax.configs.{name}").get_config()
   config.data.path = _DATA.value
   config.train.steps = _STEPS.value
   config.train.eval_every = max(_STEPS.value // 8, 1)

@@ -1,0 +1,48 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax (Linen), every method an option.
+
+The public API (anything not listed here may change between versions):
+
+  configs   get_config(name, overrides), list_configs(), base_config(), validate(config),
+            ConfigError (every bad setting raises it, naming the key)
+  model     build_model(config) -> Flax module; init_params(model, config, seed);
+            forward(model, params, tokens) -> ModelOutput(logits, aux_loss, routing);
+            loss(model, params, batch) -> (total, LossOutput(ce, aux_loss, routing))
+  layers    MoESpec (validated; MoESpec.from_counts states routed/active experts directly),
+            MoEBlock, RoutingResult
+  training  Trainer(config, workdir): train(steps), evaluate(), sample(prompt), save(),
+            restore(), Trainer.from_workdir(workdir); NonFiniteLossError
+  plots     plot_history(trainer.history) -> figure; plot_run(workdir) -> run.png (loss curves
+            and per-layer expert load; need matplotlib)
+  kernels   moejax.ops.gmm(lhs, rhs, group_sizes, backend=...), moejax.ops.tgmm
+
+See the README's "Use from Python" and experiments/notebooks/quickstart.ipynb.
+"""
+from moejax import ops
+from moejax.api import (LossOutput, ModelOutput, build_model, forward, get_config, init_params,
+                        list_configs, loss)
+from moejax.config import ConfigError, base_config, validate
+from moejax.layers.moe import MoEBlock, MoESpec
+from moejax.layers.routers import RoutingResult
+from moejax.train.trainer import NonFiniteLossError, Trainer, TrainResult
+
+__version__ = "0.1.0"
+
+
+def plot_history(records):
+  """Loss curves and per-layer expert load from ``Trainer.history`` -> matplotlib Figure."""
+  from moejax.analysis.plots import plot_history as _plot_history
+  return _plot_history(records)
+
+
+def plot_run(workdir: str, out_path: str | None = None) -> str:
+  """The same plot for a workdir's metrics.jsonl, saved as a PNG -> its path."""
+  from moejax.analysis.plots import plot_run as _plot_run
+  return _plot_run(workdir, out_path)
+
+
+__all__ = [
+    "ConfigError", "LossOutput", "ModelOutput", "MoEBlock", "MoESpec", "NonFiniteLossError",
+    "RoutingResult", "TrainResult", "Trainer", "base_config", "build_model", "forward",
+    "get_config", "init_params", "list_configs", "loss", "ops", "plot_history", "plot_run",
+    "validate",
+]

@@ -1,7 +1,9 @@
-"""Plots of a training run from its ``metrics.jsonl``: loss curves and per-layer expert load.
+"""Plots of a training run: loss curves and per-layer expert load.
 
 The expert-load panel shows, for each MoE layer, the share of routed slots each expert received
 at the last logged step; a flat row is a balanced layer, a bright column a collapsed one.
+``plot_history`` draws from records (``Trainer.history`` or ``metrics.jsonl``) and returns the
+figure (shown inline in a notebook); ``plot_run`` saves a workdir's plot as ``run.png``.
 """
 from __future__ import annotations
 
@@ -12,14 +14,12 @@ import numpy as np
 from moejax.train.metrics import read_metrics
 
 
-def plot_run(workdir: str, out_path: str | None = None) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
+def plot_history(records: list[dict]):
+  """-> matplotlib Figure: train/validation loss, and expert load per MoE layer."""
   import matplotlib.pyplot as plt
 
-  records = read_metrics(workdir)
-  train = [r for r in records if r["split"] == "train"]
-  val = [r for r in records if r["split"] == "val"]
+  train = [r for r in records if r.get("split") == "train"]
+  val = [r for r in records if r.get("split") == "val"]
   loads = {k.split("/")[0]: v for k, v in (train[-1].items() if train else [])
            if k.endswith("/expert_load")}
   fig, axes = plt.subplots(1, 2 if loads else 1, figsize=(11 if loads else 6, 4), squeeze=False)
@@ -39,6 +39,16 @@ def plot_run(workdir: str, out_path: str | None = None) -> str:
            title=f"expert load at step {train[-1]['step']} (uniform = {1 / grid.shape[1]:.3f})")
     fig.colorbar(im, ax=ax, label="share of routed slots")
   fig.tight_layout()
+  return fig
+
+
+def plot_run(workdir: str, out_path: str | None = None) -> str:
+  """Saves the plot of ``workdir/metrics.jsonl`` (default ``workdir/run.png``); returns its path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig = plot_history(read_metrics(workdir))
   out_path = out_path or os.path.join(workdir, "run.png")
   fig.savefig(out_path, dpi=100)
   plt.close(fig)

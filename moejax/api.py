@@ -1,0 +1,108 @@
+"""The functional half of the public API: configs, model, forward pass, loss, routing metrics.
+
+    config = moejax.get_config("deepseekmoe", {"model.num_layers": 2})
+    model = moejax.build_model(config)
+    params = moejax.init_params(model, config, seed=0)
+    out = moejax.forward(model, params, tokens)       # ModelOutput: logits, aux_loss, routing
+    total, parts = moejax.loss(model, params, batch)  # batch [B, L+1]: next-token targets
+
+Training, checkpoints and sampling are ``moejax.Trainer``.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+
+from moejax import config as config_lib
+from moejax.models.transformer import Transformer
+from moejax.train import steps
+
+Array = jax.Array
+
+
+def list_configs() -> list[str]:
+  """Names of the shipped configs (``configs/*.py``, installed as ``moejax.configs``)."""
+  import moejax.configs
+  return sorted(m.name for m in pkgutil.iter_modules(moejax.configs.__path__))
+
+
+def get_config(name: str = "default",
+               overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A shipped config by name, with dotted-key ``overrides``, validated.
+
+  ``get_config("gshard", {"model.moe.num_experts": 8})``; an unknown name or key raises
+  ``ConfigError`` listing what exists.
+  """
+  if name not in list_configs():
+    raise config_lib.ConfigError(f"config {name!r} does not exist; shipped configs: "
+                                 f"{', '.join(list_configs())}")
+  config = importlib.import_module(f"moejax.configs.{name}").get_config()
+  return config_lib.validate(config_lib.apply_overrides(config, overrides or {}))
+
+
+def build_model(config: ml_collections.ConfigDict) -> Transformer:
+  """The decoder LM (a Flax Linen module) that ``config.model`` describes (validated first)."""
+  return steps.build_model(config_lib.validate(config))
+
+
+def init_params(model: Transformer, config: ml_collections.ConfigDict | None = None,
+                seed: int = 0):
+  """Unboxed float32 parameters on the default device (for a sharded state see ``Trainer``)."""
+  seq_len = config.data.seq_len if config is not None else 8
+  return steps.init_params(model, jax.random.key(seed), seq_len)[0]
+
+
+@struct.dataclass
+class ModelOutput:
+  """What one forward pass gives (a pytree: fine as ``has_aux`` output of ``jax.grad``).
+
+  logits:   [B, L, V] float32.
+  aux_loss: [] weighted sum of every MoE auxiliary loss (balance, z-loss, ...).
+  routing:  per MoE layer, e.g. ``routing["layer_1"]["expert_load"]`` [E] (share of routed
+            slots per expert), ``drop_fraction``, ``num_dropped``, ``router_entropy`` and the
+            unweighted value of each auxiliary loss.
+  """
+  logits: Array
+  aux_loss: Array
+  routing: dict
+
+
+@struct.dataclass
+class LossOutput:
+  """``loss``'s auxiliary output: cross-entropy, auxiliary loss and per-layer routing."""
+  ce: Array
+  aux_loss: Array
+  routing: dict
+
+
+def routing_by_layer(intermediates) -> dict:
+  """Sown intermediates {'layer_1': {'moe': {'expert_load': (x,)}}} -> {'layer_1': {...: x}}."""
+  return {layer: {name: value[0] for name, value in tree["moe"].items()}
+          for layer, tree in intermediates.items() if "moe" in tree}
+
+
+def forward(model: Transformer, params, tokens: Array, *, rng: jax.Array | None = None,
+            deterministic: bool = True) -> ModelOutput:
+  """tokens [B, L] int32 -> ``ModelOutput``. ``rng`` feeds router noise when not deterministic."""
+  logits, mutated = steps.apply_model(model, params, tokens, rng, deterministic)
+  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
+  return ModelOutput(logits=logits, aux_loss=jnp.asarray(aux, jnp.float32),
+                     routing=routing_by_layer(mutated.get("intermediates", {})))
+
+
+def loss(model: Transformer, params, batch: Array, *, rng: jax.Array | None = None,
+         deterministic: bool = True) -> tuple[Array, LossOutput]:
+  """Training objective on ``batch`` [B, L+1]: mean next-token cross-entropy + aux losses.
+
+  -> (total, LossOutput); differentiable: ``jax.grad(moejax.loss, argnums=1, has_aux=True)``.
+  """
+  out = forward(model, params, batch[:, :-1], rng=rng, deterministic=deterministic)
+  ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:]).mean()
+  return ce + out.aux_loss, LossOutput(ce=ce, aux_loss=out.aux_loss, routing=out.routing)
