@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.py
 WORKDIR ?= workdir/default
+ARGS ?=            # extra run.py flags, e.g. ARGS="--config.train.steps=50"
 
 .PHONY: install run test test-fast bench clean
 
@@ -19,7 +20,7 @@ install: $(STAMP)
 
 # Train the default experiment; prints validation loss/perplexity and a sample at the end.
 run: $(STAMP)
-	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train
+	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train $(ARGS)
 
 # Full suite, slow tests included (what CI runs).
 test: $(STAMP)

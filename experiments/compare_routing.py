@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from moejax import config as config_lib  # noqa: E402
 from moejax.train import metrics as metrics_lib  # noqa: E402
 from moejax.train import trainer  # noqa: E402
 
@@ -27,6 +28,10 @@ _STEPS = flags.DEFINE_integer("steps", 800, "Training steps per config.")
 _CONFIGS = flags.DEFINE_list("configs", ["dense", "switch", "gshard", "deepseekmoe"], "Configs.")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routing", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "/tmp/moejax_compare_routing", "Scratch workdirs.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
+
+QUICK = {"model.d_model": 32, "model.num_layers": 2, "model.head_dim": 8, "data.seq_len": 32,
+         "data.batch_size": 8, "data.eval_batches": 2, "sample.num_tokens": 16}
 
 
 def param_counts(config, params) -> tuple[int, int]:
@@ -46,10 +51,13 @@ def run_one(name: str) -> dict:
   config = importlib.import_module(f"moejax.configs.{name}").get_config()
   config.data.path = _DATA.value
   config.train.steps = _STEPS.value
+  config.train.warmup_steps = min(config.train.warmup_steps, _STEPS.value // 10)
   config.train.eval_every = max(_STEPS.value // 8, 1)
   config.train.checkpoint_every = _STEPS.value
   config.train.log_every = max(_STEPS.value // 40, 1)
   config.sample.num_tokens = 120
+  if _QUICK.value:
+    config = config_lib.apply_overrides(config, QUICK)
   workdir = os.path.join(_WORK.value, name)
   if os.path.isdir(workdir):
     import shutil

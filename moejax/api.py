@@ -10,6 +10,7 @@ Training, checkpoints and sampling are ``moejax.Trainer``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any, Mapping
@@ -56,7 +57,13 @@ def init_params(model: Transformer, config: ml_collections.ConfigDict | None = N
                 seed: int = 0):
   """Unboxed float32 parameters on the default device (for a sharded state see ``Trainer``)."""
   seq_len = config.data.seq_len if config is not None else 8
-  return steps.init_params(model, jax.random.key(seed), seq_len)[0]
+  return _init_jit(model, jax.random.key(seed), seq_len)
+
+
+# Jitted once per model: op-by-op dispatch of a whole MoE model costs seconds of small compiles.
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(model, rng, seq_len):
+  return steps.init_params(model, rng, seq_len)[0]
 
 
 @struct.dataclass
@@ -90,7 +97,15 @@ def routing_by_layer(intermediates) -> dict:
 
 def forward(model: Transformer, params, tokens: Array, *, rng: jax.Array | None = None,
             deterministic: bool = True) -> ModelOutput:
-  """tokens [B, L] int32 -> ``ModelOutput``. ``rng`` feeds router noise when not deterministic."""
+  """tokens [B, L] int32 -> ``ModelOutput``. ``rng`` feeds router noise when not deterministic.
+
+  Jitted (``model`` and ``deterministic`` static); fine to call inside jit/grad/vmap too.
+  """
+  return _forward_jit(model, params, tokens, rng, deterministic)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward_jit(model, params, tokens, rng, deterministic):
   logits, mutated = steps.apply_model(model, params, tokens, rng, deterministic)
   aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
   return ModelOutput(logits=logits, aux_loss=jnp.asarray(aux, jnp.float32),

@@ -1,0 +1,166 @@
+"""Every command the README shows is run here as written (smaller through documented overrides),
+or listed with the test that runs it, or with why no CPU test can (then CI runs it itself)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+README = os.path.join(ROOT, "README.md")
+SHARED_TINYSHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+
+# Small settings appended to README commands (later flags override earlier ones).
+SMALL = [
+    "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.head_dim=8",
+    "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.data.eval_batches=2",
+    "--config.data.corpus_bytes=40000", "--config.train.steps=12",
+    "--config.train.warmup_steps=2", "--config.train.log_every=6", "--config.train.eval_every=100",
+    "--config.train.checkpoint_every=12", "--config.sample.num_tokens=16",
+]
+
+# Commands not run by this file, and why. Anything else the README shows must run below.
+ELSEWHERE = {
+    "make test": "is CI itself (.ci/run)",
+    "make test-fast": "runs a subset of `make test`",
+    "make bench": "installs torch and runs minutes of benchmarks; smoke-tested as "
+                  "`bench_moe.py --quick` in test_bench_smoke",
+    "pip install -e .": "what `make` runs on every fresh machine (CI)",
+    ("XLA_FLAGS=--xla_force_host_platform_device_count=4 python run.py ... "
+     "--coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0"): (
+        "tests/parallel/test_multihost.py runs two such processes against one"),
+    "JAX_PLATFORMS=cuda python -m pytest tests/pallas_kernels": "needs a GPU",
+    "python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch": (
+        "Pallas kernels at speed need a GPU/TPU (correctness runs in tests/pallas_kernels)"),
+}
+
+
+def readme_commands() -> list[str]:
+  """Shell commands in ```bash blocks (continuations joined, comments dropped) and in inline
+  code that starts like a command."""
+  text = open(README).read()
+  out = []
+  for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = re.sub(r"\s+#.*$", "", line).strip()
+      if line and not line.startswith("#"):
+        out.append(re.sub(r"\s+", " ", line))
+  for code in re.findall(r"`([^`\n]+)`", text):
+    if re.match(r"(python |make |pip |XLA_FLAGS=|JAX_PLATFORMS=)", code):
+      out.append(code.strip())
+  return list(dict.fromkeys(out))
+
+
+def python_example() -> str:
+  section = open(README).read().split("## Use from Python", 1)[1]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _run(cmd, cwd, env=None, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+  p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                     shell=isinstance(cmd, str))
+  assert p.returncode == 0, f"{cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+  return p.stdout
+
+
+def _data_override():
+  # The README trains on ../shared data; a clone without it uses the embedded corpus.
+  return [] if os.path.isfile(SHARED_TINYSHAKESPEARE) else ["--config.data.path="]
+
+
+RUN_HERE = set()
+
+
+def runs(*commands):
+  RUN_HERE.update(commands)
+  return lambda f: f
+
+
+def test_every_readme_command_is_accounted_for():
+  missing = [c for c in readme_commands() if c not in RUN_HERE and c not in ELSEWHERE]
+  assert not missing, f"README commands with no test: {missing}"
+  stale = [c for c in list(RUN_HERE) + list(ELSEWHERE) if c not in readme_commands()]
+  assert not stale, f"tested commands no longer in the README: {stale}"
+
+
+GSHARD_TRAIN = ("python run.py --config=configs/gshard.py --workdir=runs/gshard --mode=train "
+                "--config.data.path=../shared/data/tinyshakespeare.txt "
+                "--config.model.moe.num_experts=8")
+GSHARD_EVAL = "python run.py --workdir=runs/gshard --mode=eval"
+GSHARD_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample "
+                 "--config.sample.prompt=\"ROMEO:\" --config.sample.temperature=0")
+
+
+@pytest.mark.slow
+@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE)
+def test_running_experiments_commands(tmp_path):
+  runs_dir = os.path.join(ROOT, "runs", "gshard")
+  shutil.rmtree(runs_dir, ignore_errors=True)
+  try:
+    out = _run(f"{GSHARD_TRAIN} {' '.join(SMALL + _data_override())}", ROOT)
+    assert "final | step 12" in out
+    out = _run(GSHARD_EVAL, ROOT)
+    assert "eval | step 12" in out and "data: " in out
+    out = _run(GSHARD_SAMPLE, ROOT)
+    assert "ROMEO:" in out
+  finally:
+    shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+EP_COMMAND = ("XLA_FLAGS=--xla_force_host_platform_device_count=8 python run.py "
+              "--config=configs/gshard.py --workdir=runs/ep --config.mesh.data=2 "
+              "--config.mesh.expert=4")
+
+
+@pytest.mark.slow
+@runs(EP_COMMAND)
+def test_expert_parallel_command():
+  runs_dir = os.path.join(ROOT, "runs", "ep")
+  shutil.rmtree(runs_dir, ignore_errors=True)
+  try:
+    out = _run(f"{EP_COMMAND} {' '.join(SMALL)}", ROOT, env={"XLA_FLAGS": ""})
+    assert "expert-parallel: shard_map over mesh axis 'expert' (4 devices" in out
+    assert "final | step 12" in out
+  finally:
+    shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@runs("make run", 'make run ARGS="--config.train.steps=100"')
+def test_make_run(tmp_path):
+  wd = tmp_path / "default"
+  args = " ".join(SMALL + ["--config.train.steps=100", "--config.train.checkpoint_every=100"])
+  out = _run(["make", "run", f"WORKDIR={wd}", f"ARGS={args}"], ROOT)
+  assert "final | step 100" in out and "sample (temperature" in out
+
+
+COMPARE = "python experiments/compare_routing.py --data_path=../shared/data/tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+@runs(COMPARE)
+def test_compare_routing_command(tmp_path):
+  data = [] if os.path.isfile(SHARED_TINYSHAKESPEARE) else ["--data_path="]
+  out = _run(f"{COMPARE} --quick --steps=4 --configs=dense,gshard --out_dir={tmp_path / 'out'} "
+             f"--work_root={tmp_path / 'work'} {' '.join(data)}", ROOT)
+  assert os.path.isfile(tmp_path / "out" / "results.md"), out
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+  out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
+              f"--out_dir={tmp_path}"], ROOT)
+  assert "ratio" in out or "x" in out
+
+
+@pytest.mark.slow
+def test_use_from_python_example_runs_as_written(tmp_path):
+  script = tmp_path / "example.py"
+  script.write_text(python_example())
+  out = _run([sys.executable, str(script)], str(tmp_path))
+  assert "(2, 64, 256) (63,)" in out and "val_data" in out
+  assert os.path.isfile(tmp_path / "runs" / "quickstart" / "run.png")
