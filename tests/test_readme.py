@@ -133,9 +133,9 @@ def test_expert_parallel_command():
 @runs("make run", 'make run ARGS="--config.train.steps=100"')
 def test_make_run(tmp_path):
   wd = tmp_path / "default"
-  args = " ".join(SMALL + ["--config.train.steps=100", "--config.train.checkpoint_every=100"])
+  args = " ".join(SMALL + ["--config.train.steps=20", "--config.train.checkpoint_every=20"])
   out = _run(["make", "run", f"WORKDIR={wd}", f"ARGS={args}"], ROOT)
-  assert "final | step 100" in out and "sample (temperature" in out
+  assert "final | step 20" in out and "sample (temperature" in out
 
 
 COMPARE = "python experiments/compare_routing.py --data_path=../shared/data/tinyshakespeare.txt"

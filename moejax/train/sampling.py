@@ -19,18 +19,21 @@ def sample(model, params, prompt: np.ndarray, num_tokens: int, seq_len: int,
   if len(prompt) == 0:
     raise ValueError("sample.prompt must contain at least one token")
 
-  @functools.partial(jax.jit, static_argnums=())
-  def next_token(params, window, pos, rng):
-    logits = model.apply({"params": params}, window[None], deterministic=True)[0, pos]
-    if temperature == 0:
-      return jnp.argmax(logits).astype(jnp.int32)
-    return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
-
   tokens = list(np.asarray(prompt, np.int32))
   for i in range(num_tokens):
     ctx = tokens[-seq_len:]
     window = np.zeros((seq_len,), np.int32)
     window[:len(ctx)] = ctx
-    tok = next_token(params, window, len(ctx) - 1, jax.random.fold_in(rng, i))
+    tok = _next_token(model, float(temperature), params, window, len(ctx) - 1,
+                      jax.random.fold_in(rng, i))
     tokens.append(int(tok))
   return np.asarray(tokens, np.int32)
+
+
+# Compiled once per (model, temperature): repeated sample() calls reuse it.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _next_token(model, temperature, params, window, pos, rng):
+  logits = model.apply({"params": params}, window[None], deterministic=True)[0, pos]
+  if temperature == 0:
+    return jnp.argmax(logits).astype(jnp.int32)
+  return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
