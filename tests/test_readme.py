@@ -60,7 +60,9 @@ def python_example() -> str:
 
 
 def _run(cmd, cwd, env=None, timeout=900):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+  # As a user runs them: in the environment `make` built (`source .venv/bin/activate`).
+  path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path, **(env or {}))
   p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                      shell=isinstance(cmd, str))
   assert p.returncode == 0, f"{cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"

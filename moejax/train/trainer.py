@@ -360,12 +360,17 @@ def train(config, workdir: str) -> dict:
   return out
 
 
+def _restored(workdir: str, overrides: dict | None, mode: str) -> Trainer:
+  trainer = Trainer.from_workdir(workdir, overrides, mode=mode)
+  logs.log_to_file(workdir, jax.process_index())
+  trainer.close()          # nothing more to save; the restored state stays in memory
+  return trainer
+
+
 def eval_only(workdir: str, overrides: dict | None = None) -> dict:
   """``--mode=eval``: the workdir's model on its (or an overridden) validation data."""
-  trainer = Trainer.from_workdir(workdir, overrides, mode="eval")
-  logs.log_to_file(workdir, jax.process_index())
+  trainer = _restored(workdir, overrides, "eval")
   ev = trainer.evaluate()
-  trainer.close()
   say(_eval_line("eval", trainer.step, ev))
   say(json.dumps(ev))
   return ev
@@ -373,9 +378,6 @@ def eval_only(workdir: str, overrides: dict | None = None) -> dict:
 
 def sample_only(workdir: str, overrides: dict | None = None) -> str:
   """``--mode=sample``: continues ``sample.prompt`` with the workdir's model."""
-  trainer = Trainer.from_workdir(workdir, overrides, mode="sample")
-  logs.log_to_file(workdir, jax.process_index())
-  text = trainer.sample()
-  trainer.close()
+  text = _restored(workdir, overrides, "sample").sample()
   say(text)
   return text
