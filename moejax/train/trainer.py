@@ -20,6 +20,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import config as config_lib
@@ -49,6 +50,13 @@ class TrainResult:
   metrics: dict
   finished: bool            # reached config.train.steps
   interrupted: bool = False  # stopped by Ctrl-C (a checkpoint was saved if there is a workdir)
+
+
+@jax.jit
+def _first_non_finite(bad, finite, loss, step):
+  """Keeps the first step whose loss or gradients were not finite (and whether the loss was)."""
+  new = jnp.stack([jnp.asarray(step, jnp.int32), jnp.isfinite(loss).astype(jnp.int32)])
+  return jnp.where((bad[0] < 0) & ~finite, new, bad)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -207,14 +215,15 @@ class Trainer:
   def _loop(self, start, stop, writer, bar, log) -> TrainResult:
     t = self.config.train
     tokens_per_step = self.config.data.batch_size * self.config.data.seq_len
-    timer_start, timer_step, last, pending = None, start, {}, None
+    timer_start, timer_step, last = None, start, {}
+    # [first non-finite step or -1, was its loss finite]: updated on the device every step,
+    # read by the host only where it syncs anyway (log lines, evals, saves), so no extra sync.
+    bad = jnp.array([-1, 1], jnp.int32)
     with _Sigint() as sigint:
       for step in range(start, stop):
         self.state, metrics = self._train_step(self.state, train_batch(self.data, step, self.mesh))
         done = step + 1
-        if pending is not None:        # the previous step has finished by now: no stall
-          self._check_finite(*pending)
-        pending = (done, metrics)
+        bad = _first_non_finite(bad, metrics["finite"], metrics["loss"], done)
         if timer_start is None:        # exclude compilation from throughput and ETA
           jax.block_until_ready(self.state["step"])
           timer_start, timer_step = time.perf_counter(), done
@@ -222,17 +231,17 @@ class Trainer:
           bar.update(1)
         if (done % t.log_every == 0 or done == stop or done == start + 1
             or sigint.requested):
-          self._check_finite(done, metrics)
+          self._check_finite(bad, metrics)
           elapsed = time.perf_counter() - timer_start
           rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else None
           last = self._log_train(done, metrics, rate, tokens_per_step, writer, bar, log)
         if done % t.eval_every == 0 and done != t.steps:
-          self._check_finite(done, metrics)
+          self._check_finite(bad, metrics)
           ev = self.evaluate()
           self._record(writer, done, {"split": "val", **ev})
           log(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}")
         if sigint.requested or done % t.checkpoint_every == 0 or done == stop:
-          self._check_finite(done, metrics)
+          self._check_finite(bad, metrics)
           if self.ckpt is not None:
             self.ckpt.save(done, self.state)
         if sigint.requested:
@@ -241,21 +250,21 @@ class Trainer:
           return TrainResult(done, last, finished=False, interrupted=True)
     return TrainResult(self.step, last, finished=self.step >= t.steps)
 
-  def _check_finite(self, done: int, metrics) -> None:
-    if bool(metrics["finite"]):
+  def _check_finite(self, bad, metrics) -> None:
+    first, loss_ok = (int(x) for x in jax.device_get(bad))
+    if first < 0:
       return
-    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-    what = "loss" if not np.isfinite(loss) else "gradient"
-    kept = workdir_lib.latest_checkpoint(self.workdir) if self.workdir else None
+    kept = None
     if self.ckpt is not None:
       self.ckpt.wait()
       kept = workdir_lib.latest_checkpoint(self.workdir)
     saved = (f"the last checkpoint (step {kept}) is kept" if kept is not None
              else "there is no earlier checkpoint")
     raise NonFiniteLossError(
-        f"training stopped: non-finite {what} at step {done} (loss {loss}, grad norm {gnorm}); "
-        f"nothing was saved for it, {saved}. Lower train.learning_rate "
-        f"(now {self.config.train.learning_rate}) or set train.grad_clip.")
+        f"training stopped: non-finite {'gradient' if loss_ok else 'loss'} at step {first} "
+        f"(now at step {self.step}: loss {float(metrics['loss'])}, grad norm "
+        f"{float(metrics['grad_norm'])}); nothing was saved since, {saved}. Lower "
+        f"train.learning_rate (now {self.config.train.learning_rate}) or set train.grad_clip.")
 
   def _log_train(self, done, metrics, rate, tokens_per_step, writer, bar, log) -> dict:
     metrics = jax.device_get(metrics)
