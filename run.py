@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from moejax import config as config_lib
 from moejax import logs
 from moejax.parallel import distributed
+from moejax.train import trainer
 
 FLAGS = flags.FLAGS
 _DEFAULT_CONFIG = "configs/default.py"
@@ -89,7 +90,6 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   logs.setup_console_logging()
-  from moejax.train import trainer   # noqa: E402  (imports JAX)
   mode, workdir = _MODE.value, _WORKDIR.value
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
