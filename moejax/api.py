@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import struct
 
 from moejax import config as config_lib
@@ -107,8 +106,7 @@ def forward(model: Transformer, params, tokens: Array, *, rng: jax.Array | None 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _forward_jit(model, params, tokens, rng, deterministic):
   logits, mutated = steps.apply_model(model, params, tokens, rng, deterministic)
-  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
-  return ModelOutput(logits=logits, aux_loss=jnp.asarray(aux, jnp.float32),
+  return ModelOutput(logits=logits, aux_loss=steps.aux_loss(mutated),
                      routing=routing_by_layer(mutated.get("intermediates", {})))
 
 
@@ -117,7 +115,12 @@ def loss(model: Transformer, params, batch: Array, *, rng: jax.Array | None = No
   """Training objective on ``batch`` [B, L+1]: mean next-token cross-entropy + aux losses.
 
   -> (total, LossOutput); differentiable: ``jax.grad(moejax.loss, argnums=1, has_aux=True)``.
+  The same function the train step differentiates (``train.steps.loss_fn``), jitted.
   """
-  out = forward(model, params, batch[:, :-1], rng=rng, deterministic=deterministic)
-  ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:]).mean()
-  return ce + out.aux_loss, LossOutput(ce=ce, aux_loss=out.aux_loss, routing=out.routing)
+  return _loss_jit(model, params, batch, rng, deterministic)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _loss_jit(model, params, batch, rng, deterministic):
+  total, (ce, aux, inter) = steps.loss_fn(model, params, batch, rng, deterministic)
+  return total, LossOutput(ce=ce, aux_loss=aux, routing=routing_by_layer(inter))

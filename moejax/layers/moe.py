@@ -199,7 +199,7 @@ class MoEBlock(nn.Module):
     experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")
     ep = expert_axis_size() if s.expert_parallel == "auto" else 1
-    self._log_path(tokens.shape[0], ep)
+    self._log_path(ep)
     if ep > 1:
       y, num_dropped = expert_parallel_ffn(
           tokens, routing.expert_index, routing.weight, experts.weights(),
@@ -216,7 +216,7 @@ class MoEBlock(nn.Module):
     self._record(routing, num_dropped)
     return y.reshape(x.shape).astype(self.dtype)
 
-  def _log_path(self, num_tokens: int, ep: int) -> None:
+  def _log_path(self, ep: int) -> None:
     """Says once per layer kind which program the layer traced to (expert-parallel or not)."""
     s = self.spec
     kind = (f"MoE layer ({s.num_routed} routed experts, top-{s.routed_k}, {s.dispatch}"

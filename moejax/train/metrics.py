@@ -62,6 +62,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = enabled
     self._records: list[dict] = []
+    self._index: dict[tuple, int] = {}     # (step, split) -> position in _records
     self._tb = None
     if not enabled:
       return
@@ -70,6 +71,7 @@ class MetricsWriter:
       self._records = [r for r in old if r["step"] <= start_step]
       if len(self._records) != len(old):
         _rewrite(self.path, self._records)
+      self._index = {(r["step"], r.get("split")): i for i, r in enumerate(self._records)}
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
@@ -80,11 +82,11 @@ class MetricsWriter:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
     key = (record["step"], record.get("split"))
-    same = [i for i, r in enumerate(self._records) if (r["step"], r.get("split")) == key]
-    if same:
-      self._records[same[0]] = record
+    if key in self._index:
+      self._records[self._index[key]] = record
       _rewrite(self.path, self._records)
     else:
+      self._index[key] = len(self._records)
       self._records.append(record)
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -72,13 +72,18 @@ def apply_model(model, params, tokens, rng=None, deterministic=True):
                        mutable=_MUTABLE)
 
 
+def aux_loss(mutated) -> jax.Array:
+  """Sum of every sown (already weighted) auxiliary loss, float32."""
+  return jnp.asarray(sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {}))),
+                     jnp.float32)
+
+
 def loss_fn(model, params, batch, rng, deterministic):
   """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
   logits, mutated = apply_model(model, params, inputs, rng, deterministic)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  aux = sum(jnp.sum(x) for x in jax.tree.leaves(mutated.get("losses", {})))
-  aux = jnp.asarray(aux, jnp.float32)
+  aux = aux_loss(mutated)
   return ce + aux, (ce, aux, mutated.get("intermediates", {}))
 
 
