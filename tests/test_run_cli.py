@@ -131,7 +131,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_logs_no_duplicates(tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 130, err[-2000:]
   step = int(re.search(r"interrupted at step (\d+)/", out).group(1))
-  assert "Traceback" not in err
+  assert "Traceback" not in err, err
   assert os.listdir(os.path.join(wd, "checkpoints")) == [str(step)]
   assert max(r["step"] for r in read_rows(wd)) == step
 

@@ -86,10 +86,10 @@ class _Sigint:
     return self
 
   def _handle(self, signum, frame):
+    # No I/O here: the handler can run in the middle of a write to the same stream or log file.
     if self.requested:
       raise KeyboardInterrupt
     self.requested = True
-    say("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -229,22 +229,25 @@ class Trainer:
           timer_start, timer_step = time.perf_counter(), done
         if bar is not None:
           bar.update(1)
-        if (done % t.log_every == 0 or done == stop or done == start + 1
-            or sigint.requested):
+        stopping = sigint.requested      # read once: a Ctrl-C during this step acts on the next
+        if stopping:
+          say("interrupt: saving a checkpoint at this step (Ctrl-C again to abort)")
+        log_now = done % t.log_every == 0 or done == stop or done == start + 1 or stopping
+        eval_now = done % t.eval_every == 0 and done != t.steps
+        save_now = stopping or done % t.checkpoint_every == 0 or done == stop
+        if log_now or eval_now or save_now:     # the host syncs here anyway
           self._check_finite(bad, metrics)
+        if log_now:
           elapsed = time.perf_counter() - timer_start
           rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else None
           last = self._log_train(done, metrics, rate, tokens_per_step, writer, bar, log)
-        if done % t.eval_every == 0 and done != t.steps:
-          self._check_finite(bad, metrics)
+        if eval_now:
           ev = self.evaluate()
           self._record(writer, done, {"split": "val", **ev})
           log(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}")
-        if sigint.requested or done % t.checkpoint_every == 0 or done == stop:
-          self._check_finite(bad, metrics)
-          if self.ckpt is not None:
-            self.ckpt.save(done, self.state)
-        if sigint.requested:
+        if save_now and self.ckpt is not None:
+          self.ckpt.save(done, self.state)
+        if stopping:
           where = f"checkpoint saved in {self.workdir}" if self.ckpt else "no workdir: not saved"
           say(f"interrupted at step {done}/{t.steps}: {where}; train again to resume")
           return TrainResult(done, last, finished=False, interrupted=True)
