@@ -22,6 +22,7 @@ setuptools.setup(
         "einops>=0.8",
         "absl-py>=2.1",
         "numpy>=2.0",
+        "scipy>=1.13",   # t quantiles for multi-seed comparisons
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],

@@ -300,6 +300,19 @@ class Trainer:
     n = self.config.data.eval_batches if max_batches is None else max_batches
     return evaluate(self.eval_step, self.params, self.data, n, self.mesh)
 
+  def evaluate_and_record(self) -> dict:
+    """``evaluate`` at the current step, also logged to ``history`` and the workdir's metrics
+    (a re-evaluated step replaces its row)."""
+    ev = self.evaluate()
+    writer = None
+    if self.workdir:
+      writer = metrics_lib.MetricsWriter(self.workdir, self.step,
+                                         enabled=jax.process_index() == 0)
+    self._record(writer, self.step, {"split": "val", **ev})
+    if writer is not None:
+      writer.close()
+    return ev
+
   def sample(self, prompt: str | None = None, num_tokens: int | None = None,
              temperature: float | None = None, seed: int | None = None) -> str:
     """Continues ``prompt`` (defaults: ``config.sample``); temperature 0 is greedy."""
@@ -359,11 +372,7 @@ def train(config, workdir: str) -> dict:
     say(f"stopped at step {result.step}/{config.train.steps} (train.max_steps_per_run="
         f"{config.train.max_steps_per_run}); run train again with --workdir={workdir} to resume")
     return out
-  ev = trainer.evaluate()
-  if jax.process_index() == 0:
-    writer = metrics_lib.MetricsWriter(workdir, result.step)
-    writer.write(result.step, {"split": "val", **ev})
-    writer.close()
+  ev = trainer.evaluate_and_record()
   say(_eval_line("final", result.step, ev))
   if jax.process_index() == 0:
     say(f"plots: {_plot(workdir)}")
