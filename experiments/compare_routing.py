@@ -1,122 +1,137 @@
-"""Dense vs Switch vs GShard vs DeepSeekMoE at equal activated parameters and token budget.
+"""Dense vs Switch vs GShard vs DeepSeekMoE at equal active parameters, several seeds.
 
   python experiments/compare_routing.py --data_path=../shared/data/tinyshakespeare.txt
 
-Every config has the same attention, depth and width; every MoE has the same total FFN size
-(4096 hidden units per layer) and the same active FFN size as the dense model (512). Each run
-sees the same batches (same seed, same data, same steps). Writes, under --out_dir:
-results.json, results.md (the table) and loss_curves.png.
+Every config has the same attention, depth and width; every MoE has 8x the dense FFN in total
+and the dense FFN's size active per token. Each (config, seed) run trains on the seed's batches
+(equal for every config of that seed), so configs are compared by paired per-seed differences
+(moejax/experiment/stats.py). ``--sizes`` repeats the study at other model sizes (the sweep of
+how gaps and seed spread change with scale); the validation curves give the same for training
+steps. Interrupted? Run the same command again: finished runs are kept, the rest resume.
+
+Writes under --out_dir: results.json (every run, curves included), results.md (tables),
+loss_curves_<size>.png (mean ± std bands), finals.png, gaps_vs_steps.png.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from moejax import config as config_lib  # noqa: E402
-from moejax.train import metrics as metrics_lib  # noqa: E402
-from moejax.train import trainer  # noqa: E402
+from moejax import logs  # noqa: E402
+from moejax.experiment import Study, stats  # noqa: E402
+from moejax.experiment import plots, setups  # noqa: E402
+from moejax.logs import progress as say  # noqa: E402
 
-_DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt", "Text corpus.")
-_STEPS = flags.DEFINE_integer("steps", 800, "Training steps per config.")
-_CONFIGS = flags.DEFINE_list("configs", ["dense", "switch", "gshard", "deepseekmoe"], "Configs.")
+_DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
+                            "Text corpus ('' = the embedded generated corpus).")
+_STEPS = flags.DEFINE_integer("steps", 800, "Training steps per run.")
+_CONFIGS = flags.DEFINE_list("configs", ["dense", "switch", "gshard", "deepseekmoe"],
+                             "Named configs (configs/*.py); the first is the baseline.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: init, router noise, data order.")
+_SIZES = flags.DEFINE_list("sizes", ["base"],
+                           "Model sizes (moejax/experiment/setups.py), e.g. small,base.")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routing", "Output directory.")
-_WORK = flags.DEFINE_string("work_root", "/tmp/moejax_compare_routing", "Scratch workdirs.")
+_WORK = flags.DEFINE_string("work_root", "workdir/compare_routing",
+                            "Run directories (kept: re-running resumes).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
+_ESTIMATE_ONLY = flags.DEFINE_bool("estimate_only", False, "Print the time estimate and stop.")
 
-QUICK = {"model.d_model": 32, "model.num_layers": 2, "model.head_dim": 8, "data.seq_len": 32,
-         "data.batch_size": 8, "data.eval_batches": 2, "sample.num_tokens": 16}
-
-
-def param_counts(config, params) -> tuple[int, int]:
-  """(total, active per token) parameters; active counts only the routed experts a token uses."""
-  total = sum(x.size for x in jax.tree.leaves(params))
-  model_cfg = trainer.build_model(config).cfg
-  inactive = 0
-  if model_cfg.moe is not None:
-    s = model_cfg.moe
-    per_expert = 3 * model_cfg.d_model * s.fine_hidden
-    n_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_layers))
-    inactive = n_moe * (s.num_routed - s.routed_k) * per_expert
-  return total, total - inactive
+def make_config(name: str, size: str):
+  return setups.experiment_config(name, size=size, steps=_STEPS.value, data_path=_DATA.value,
+                                  quick=_QUICK.value)
 
 
-def run_one(name: str) -> dict:
-  config = importlib.import_module(f"moejax.configs.{name}").get_config()
-  config.data.path = _DATA.value
-  config.train.steps = _STEPS.value
-  config.train.warmup_steps = min(config.train.warmup_steps, _STEPS.value // 10)
-  config.train.eval_every = max(_STEPS.value // 8, 1)
-  config.train.checkpoint_every = _STEPS.value
-  config.train.log_every = max(_STEPS.value // 40, 1)
-  config.sample.num_tokens = 120
-  if _QUICK.value:
-    config = config_lib.apply_overrides(config, QUICK)
-  workdir = os.path.join(_WORK.value, name)
-  if os.path.isdir(workdir):
-    import shutil
-    shutil.rmtree(workdir)
-  print(f"=== {name} ===", flush=True)
-  out = trainer.train(config, workdir)
-  total, active = param_counts(config, out["state"]["params"])
-  history = metrics_lib.read_metrics(workdir)
-  return {"config": name, "total_params": total, "active_params": active,
-          "val_loss": out["eval"]["val_loss"], "val_ppl": out["eval"]["val_ppl"],
-          "tokens_per_sec": out["train"]["tokens_per_sec"],
-          "drop_fraction": out["train"].get("drop_fraction", 0.0),
-          "tokens": _STEPS.value * config.data.batch_size * config.data.seq_len,
-          "train_curve": [(r["step"], r["ce"]) for r in history if r["split"] == "train"],
-          "val_curve": [(r["step"], r["val_loss"]) for r in history if r["split"] == "val"],
-          "sample": out["sample"]}
+def gap_curves(result, config: str, baseline: str):
+  """(steps, mean, std) across seeds of the paired val-loss gap config - baseline."""
+  diffs = []
+  for seed in result.seeds:
+    a, b = result.get(config, seed), result.get(baseline, seed)
+    if a is not None and b is not None:
+      bv = dict(b.curves["val_loss"])
+      diffs.append([(s, v - bv[s]) for s, v in a.curves["val_loss"] if s in bv])
+  return stats.band(diffs) if diffs else None
 
 
-def write_outputs(results: list[dict]) -> None:
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  lines = ["| config | total params | active params | tokens | val loss | val ppl | "
-           "train tok/s | drop |", "|---|---|---|---|---|---|---|---|"]
-  for r in results:
-    lines.append(f"| {r['config']} | {r['total_params'] / 1e6:.2f}M | "
-                 f"{r['active_params'] / 1e6:.2f}M | {r['tokens'] / 1e6:.2f}M | "
-                 f"{r['val_loss']:.4f} | {r['val_ppl']:.3f} | {r['tokens_per_sec']:,.0f} | "
-                 f"{r['drop_fraction']:.2%} |")
-  table = "\n".join(lines)
-  with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+def report(results: dict) -> str:
+  lines = []
+  for size, result in results.items():
+    r0 = result.runs[0]
+    lines += [f"### size {size}: d_model {r0.flat_config['model.d_model']}, "
+              f"{r0.metrics['tokens'] / 1e6:.2f}M tokens per run, seeds {result.seeds}", "",
+              result.table(["val_loss", "train_ce", "total_params", "active_params",
+                            "tokens_per_sec", "drop_fraction"]
+                           if any("drop_fraction" in r.metrics for r in result.runs)
+                           else ["val_loss", "train_ce", "tokens_per_sec"]), "",
+              "Paired differences of validation loss (negative: a lower):", "",
+              result.comparison_table("val_loss"), ""]
+  return "\n".join(lines)
 
+
+def write_plots(results: dict) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for r in results:
-    s, l = zip(*r["train_curve"])
-    axes[0].plot(s, l, label=r["config"])
-    s, l = zip(*r["val_curve"])
-    axes[1].plot(s, l, marker="o", label=r["config"])
-  for ax, title in zip(axes, ("train cross-entropy", "validation loss")):
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / byte")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  axes[0].set_ylim(top=min(3.0, axes[0].get_ylim()[1]))
-  fig.suptitle(f"Equal active parameters, {results[0]['tokens'] / 1e6:.1f}M tokens, "
-               f"{os.path.basename(_DATA.value)}")
+
+  base = _CONFIGS.value[0]
+  for size, result in results.items():
+    fig = plots.plot_curves(result, ("train_ce", "val_loss"),
+                            title=f"{size}: mean ± 1 std over seeds {result.seeds}")
+    plots.save(fig, os.path.join(_OUT.value, f"loss_curves_{size}.png"))
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+  for ax, (size, result) in zip(axes[0], results.items()):
+    plots.plot_finals(result, "val_loss", title=f"{size}: final validation loss", ax=ax)
   fig.tight_layout()
-  fig.savefig(os.path.join(_OUT.value, "loss_curves.png"), dpi=110)
+  plots.save(fig, os.path.join(_OUT.value, "finals.png"))
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+  for ax, (size, result) in zip(axes[0], results.items()):
+    for c in result.configs[1:]:
+      g = gap_curves(result, c, base)
+      if g is None:
+        continue
+      steps, mean, std = g
+      line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{c} - {base}")
+      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="step", ylabel="paired val-loss gap (nats/byte)",
+           title=f"{size}: gap to {base}, mean ± 1 std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  plots.save(fig, os.path.join(_OUT.value, "gaps_vs_steps.png"))
 
 
 def main(argv):
   del argv
-  write_outputs([run_one(name) for name in _CONFIGS.value])
+  logs.setup_console_logging()
+  for size in _SIZES.value:
+    if size not in setups.SIZES:
+      raise app.UsageError(
+          f"--sizes: unknown size {size!r}; allowed: {', '.join(setups.SIZES)}")
+  studies = {size: Study({n: make_config(n, size) for n in _CONFIGS.value},
+                         [int(s) for s in _SEEDS.value], os.path.join(_WORK.value, size))
+             for size in _SIZES.value}
+  if _ESTIMATE_ONLY.value:
+    for size, study in studies.items():
+      est = study.estimate()
+      say(f"{size}: " + ", ".join(f"{c} {est.per_run[c] / 60:.1f} min/run x {n}"
+                                  for c, n in est.pending.items())
+          + f"; total {est.total / 60:.1f} min")
+    return
+  results = {size: study.run() for size, study in studies.items()}
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+    json.dump({size: r.to_json() for size, r in results.items()}, f)
+  text = report(results)
+  with open(os.path.join(_OUT.value, "results.md"), "w") as f:
+    f.write(text + "\n")
+  print(text)
+  write_plots(results)
+  say(f"wrote {_OUT.value}/results.md, results.json and plots")
 
 
 if __name__ == "__main__":

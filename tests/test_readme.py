@@ -140,16 +140,35 @@ def test_make_run(tmp_path):
   assert "final | step 20" in out and "sample (temperature" in out
 
 
-COMPARE = "python experiments/compare_routing.py --data_path=../shared/data/tinyshakespeare.txt"
+COMPARE = ("python experiments/compare_routing.py --sizes=small,base "
+           "--data_path=../shared/data/tinyshakespeare.txt")
+BALANCE = "python experiments/compare_balance.py --data_path=../shared/data/tinyshakespeare.txt"
+
+
+def _data_flag() -> str:
+  return "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--data_path="
 
 
 @pytest.mark.slow
 @runs(COMPARE)
 def test_compare_routing_command(tmp_path):
-  data = [] if os.path.isfile(SHARED_TINYSHAKESPEARE) else ["--data_path="]
-  out = _run(f"{COMPARE} --quick --steps=4 --configs=dense,gshard --out_dir={tmp_path / 'out'} "
-             f"--work_root={tmp_path / 'work'} {' '.join(data)}", ROOT)
-  assert os.path.isfile(tmp_path / "out" / "results.md"), out
+  out = _run(f"{COMPARE} --quick --steps=4 --seeds=0,1 --configs=dense,gshard "
+             f"--out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
+  text = open(tmp_path / "out" / "results.md").read()
+  assert "size small" in text and "size base" in text and "dense vs gshard" in text, out
+  assert "estimated total" in out
+  for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_small.png", "loss_curves_base.png"):
+    assert os.path.isfile(tmp_path / "out" / name), name
+
+
+@pytest.mark.slow
+@runs(BALANCE)
+def test_compare_balance_command(tmp_path):
+  out = _run(f"{BALANCE} --quick --steps=4 --seeds=0,1 --out_dir={tmp_path / 'out'} "
+             f"--work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
+  text = open(tmp_path / "out" / "results.md").read()
+  assert "micro_batch vs global_batch" in text and "seq_load_max_over_mean" in text, out
+  assert os.path.isfile(tmp_path / "out" / "curves.png")
 
 
 @pytest.mark.slow

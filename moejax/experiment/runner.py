@@ -345,10 +345,16 @@ class StudyResult:
         continue
       cells = []
       for m in metrics:
+        if any(m not in self.get(c, s).metrics for s in seeds):
+          cells.append("-")      # e.g. drop_fraction of a dense model
+          continue
         s = stats.summarize(self.values(m, c, seeds), seeds)
         fmt = _fmt_value(m)
+        if s.n == 1 or len(set(s.values)) == 1:   # e.g. parameter counts
+          cells.append(fmt(s.mean))
+          continue
         per = ", ".join(fmt(v) for v in s.values)
-        cells.append(f"{fmt(s.mean)} ± {fmt(s.std)} ({per})" if s.n > 1 else fmt(s.mean))
+        cells.append(f"{fmt(s.mean)} ± {fmt(s.std)} ({per})")
       lines.append(f"| {c} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -357,7 +363,8 @@ class StudyResult:
     comps = self.comparisons(metric, pairs, higher_is_better=higher_is_better,
                              confidence=confidence)
     lines = [f"| a vs b | mean(a - b) {metric} | per-seed a - b | {confidence:.0%} CI | "
-             f"seeds a better | verdict |", "|---|---|---|---|---|---|"]
+             f"seeds a {'higher' if higher_is_better else 'lower'} | verdict |",
+             "|---|---|---|---|---|---|"]
     for c in comps:
       lines.append(
           f"| {c.a} vs {c.b} | {c.mean_diff:+.4f} | {', '.join(f'{d:+.4f}' for d in c.diffs)} | "

@@ -56,7 +56,7 @@ class Comparison:
   std_diff: float
   ci: tuple[float, float]     # confidence interval of mean_diff (nan, nan with one seed)
   confidence: float
-  a_wins: int                 # seeds where a is better (lower, or higher if higher_is_better)
+  a_wins: int                 # seeds where a is lower (higher, if higher_is_better)
   higher_is_better: bool
 
   @property
@@ -71,10 +71,11 @@ class Comparison:
 
   @property
   def verdict(self) -> str:
+    """'<a or b> lower' (or 'higher') for a resolved difference, else 'within seed noise'."""
     if not self.resolved:
       return "within seed noise"
     a_better = (self.mean_diff > 0) == self.higher_is_better
-    return f"{self.a if a_better else self.b} better"
+    return f"{self.a if a_better else self.b} {'higher' if self.higher_is_better else 'lower'}"
 
 
 def t_interval(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -89,7 +90,8 @@ def t_interval(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float,
 def compare(a: str, b: str, a_values: Sequence[float], b_values: Sequence[float], *,
             metric: str = "", confidence: float = 0.95,
             higher_is_better: bool = False) -> Comparison:
-  """Paired comparison; ``a_values[s]`` and ``b_values[s]`` must come from the same seed."""
+  """Paired comparison; ``a_values[s]`` and ``b_values[s]`` must come from the same seed.
+  ``higher_is_better`` only changes the wording (and which seeds count as a's wins)."""
   av, bv = np.asarray(a_values, np.float64), np.asarray(b_values, np.float64)
   if av.shape != bv.shape or av.ndim != 1 or av.size == 0:
     raise ValueError(f"compare {a} vs {b}: need one value per seed for both, got "

@@ -41,13 +41,13 @@ def test_paired_interval_matches_t_table(n):
 def test_verdicts():
   # a consistently 0.03 lower than b with small spread of the difference: resolved, a better
   c = stats.compare("a", "b", [1.50, 1.55, 1.60], [1.53, 1.58, 1.63 + 1e-3])
-  assert c.resolved and c.verdict == "a better" and c.a_wins == 3
+  assert c.resolved and c.verdict == "a lower" and c.a_wins == 3
   # the same configs, but b's luck varies by more than the gap: within noise
   c = stats.compare("a", "b", [1.50, 1.55, 1.60], [1.53, 1.54, 1.62])
   assert not c.resolved and c.verdict == "within seed noise" and c.a_wins == 2
   # higher is better (e.g. tokens/s): b faster on every seed
   c = stats.compare("a", "b", [100.0, 101.0, 99.0], [150.0, 152.0, 149.0], higher_is_better=True)
-  assert c.verdict == "b better" and c.a_wins == 0
+  assert c.verdict == "b higher" and c.a_wins == 0
   # ties count as wins for neither; one seed has no interval
   c = stats.compare("a", "b", [1.0], [1.0])
   assert c.a_wins == 0 and not c.resolved and all(math.isnan(x) for x in c.ci)
