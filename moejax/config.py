@@ -61,6 +61,18 @@ def base_config() -> ml_collections.ConfigDict:
   e.all_to_all = "auto"          # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
   e.ragged_buffer_factor = 0.0   # 0: worst-case ragged receive buffer (never drops); f > 0:
                                  # f x the balanced rows, overflow dropped and counted
+  # Router options (moejax/layers/routers/): each is read by one router only.
+  e.null_experts = 0             # topk_softmax: AdaMoE zero-FLOP null experts
+  e.routed_scaling_factor = 1.0  # sigmoid: gates x this (DeepSeek-V3: 2.5)
+  e.bias_update_rate = 0.0       # sigmoid: aux-loss-free balancing gamma (V3: 0.001); 0 = off
+  e.num_expert_groups = 1        # sigmoid: G groups of experts (V3: 8)
+  e.groups_per_token = 1         # sigmoid: groups kept per token (V3: 4)
+  e.group_mask_fill = "neg_inf"  # sigmoid: masked groups' scores: neg_inf (official) | zero (HF)
+  e.group_routing = "limited"    # sigmoid: limited (V3) | balanced (MoGE: k/G per group)
+  e.sequence_balance_weight = 0.0   # sigmoid: V3 sequence-wise balance loss (V3: 1e-4)
+  e.top_p = 0.4                  # top_p: cumulative router probability to reach
+  e.entropy_loss_weight = 0.0    # top_p: router entropy loss (paper: 1e-4)
+  e.expert_choice_eval = "threshold"   # expert_choice: causal threshold | batch (non-causal)
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 

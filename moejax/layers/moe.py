@@ -80,8 +80,50 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
           f"must divide the routed experts (segments*num_experts-num_shared_experts={routed}),"
           f" got {v['num_device_groups']}")
   for name in ("load_balance_weight", "device_balance_weight", "z_loss_weight", "jitter_eps",
-               "noise_std"):
+               "noise_std", "null_experts", "bias_update_rate", "sequence_balance_weight",
+               "entropy_loss_weight"):
     require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
+  _check_router_fields(v, require, ref, routed)
+
+
+# Settings that only one router reads: set for another router, they would silently do nothing.
+_ROUTER_ONLY = {
+    "null_experts": ("topk_softmax", 0), "routed_scaling_factor": ("sigmoid", 1.0),
+    "bias_update_rate": ("sigmoid", 0.0), "num_expert_groups": ("sigmoid", 1),
+    "sequence_balance_weight": ("sigmoid", 0.0), "entropy_loss_weight": ("top_p", 0.0),
+}
+
+
+def _check_router_fields(v, require, ref, routed: int) -> None:
+  router, k = v["router"], v["segments"] * v["top_k"] - v["num_shared_experts"]
+  for name, (owner, default) in _ROUTER_ONLY.items():
+    require(v[name] == default or router == owner, name,
+            f"is read only by {ref('router')}='{owner}' (here {router!r}); leave it at "
+            f"{default} or use that router")
+  for name, allowed in (("group_mask_fill", ("neg_inf", "zero")),
+                        ("group_routing", ("limited", "balanced")),
+                        ("expert_choice_eval", ("threshold", "batch"))):
+    require(v[name] in allowed, name, f"got {v[name]!r}; allowed: {', '.join(map(repr, allowed))}")
+  require(v["routed_scaling_factor"] > 0, "routed_scaling_factor",
+          f"must be > 0, got {v['routed_scaling_factor']}")
+  g = v["num_expert_groups"]
+  require(g > 0 and routed % g == 0, "num_expert_groups",
+          f"must be > 0 and divide the routed experts ({routed}), got {g}")
+  if g > 1 and v["group_routing"] == "balanced":
+    require(k % g == 0, "group_routing",
+            f"'balanced' takes exactly k/G experts from each group, so the active routed "
+            f"experts ({k}) must be divisible by {ref('num_expert_groups')}={g}")
+  elif g > 1:
+    kg = v["groups_per_token"]
+    require(1 <= kg <= g and kg * (routed // g) >= k, "groups_per_token",
+            f"must be in [1, {ref('num_expert_groups')}={g}] and keep at least the {k} active "
+            f"experts (groups_per_token * {routed // g} experts per group), got {kg}")
+  if router == "top_p":
+    require(0 < v["top_p"] <= 1, "top_p", f"must be in (0, 1], got {v['top_p']}")
+  if router == "expert_choice":
+    require(v["dispatch"] == "dropless", "dispatch",
+            f"{ref('router')}='expert_choice' balances the experts by construction (each "
+            f"takes its top capacity_factor*T*k/E tokens); use 'dropless', got {v['dispatch']!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +162,19 @@ class MoESpec:
   expert_parallel: str = "auto"
   all_to_all: str = "auto"       # "auto" | "ragged" | "padded" (see expert_parallel.py)
   ragged_buffer_factor: float = 0.0
+  # Router options (see moejax/layers/routers/*.py; validation refuses one set for a router
+  # that does not read it).
+  null_experts: int = 0                 # topk_softmax: AdaMoE zero-FLOP experts
+  routed_scaling_factor: float = 1.0    # sigmoid: gates x this (DeepSeek-V3: 2.5)
+  bias_update_rate: float = 0.0         # sigmoid: aux-loss-free balancing gamma (V3: 0.001)
+  num_expert_groups: int = 1            # sigmoid: G groups of experts
+  groups_per_token: int = 1             # sigmoid, group_routing="limited": groups kept
+  group_mask_fill: str = "neg_inf"      # sigmoid: masked groups' scores ("neg_inf" | "zero")
+  group_routing: str = "limited"        # sigmoid: "limited" (V3) | "balanced" (MoGE)
+  sequence_balance_weight: float = 0.0  # sigmoid: V3's sequence-wise balance loss alpha
+  top_p: float = 0.4                    # top_p: cumulative probability to reach
+  entropy_loss_weight: float = 0.0      # top_p: router entropy loss
+  expert_choice_eval: str = "threshold"   # expert_choice: causal "threshold" | "batch"
 
   def __post_init__(self):
     check_moe_fields(self.__dict__)
@@ -176,13 +231,19 @@ class MoESpec:
 
 
 def routing_metrics(routing: RoutingResult, num_dropped: Array) -> dict[str, Array]:
-  routed = jnp.maximum(jnp.sum(routing.expert_index >= 0), 1)
-  return {
+  """expert_load (share of routed slots, null experts included), drops among the slots that
+  are computed, router entropy, and real experts per token (variable-k routers, null experts)."""
+  computed = jnp.sum(routing.dispatch_index >= 0)
+  out = {
       "expert_load": losses.expert_fraction(routing),
-      "drop_fraction": num_dropped / routed,
+      "drop_fraction": num_dropped / jnp.maximum(computed, 1),
       "num_dropped": num_dropped,
       "router_entropy": losses.router_entropy(routing),
+      "experts_per_token": (computed - num_dropped) / routing.expert_index.shape[0],
   }
+  if routing.num_null:
+    out["null_fraction"] = jnp.mean(routing.expert_index >= routing.num_real_experts)
+  return out
 
 
 class MoEBlock(nn.Module):
@@ -193,21 +254,20 @@ class MoEBlock(nn.Module):
   def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
     s = self.spec
     tokens = x.reshape(-1, x.shape[-1])
-    router = ROUTERS[s.router](num_experts=s.num_routed, k=s.routed_k, renormalize=s.renormalize,
-                               jitter_eps=s.jitter_eps, noise_std=s.noise_std, name="router")
-    routing = router(tokens, deterministic=deterministic)
+    routing = ROUTERS[s.router].from_spec(s, name="router")(x, deterministic=deterministic)
+    index = routing.dispatch_index      # null-expert slots are unused: never computed
     experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")
     ep = expert_axis_size() if s.expert_parallel == "auto" else 1
     self._log_path(ep)
     if ep > 1:
       y, num_dropped = expert_parallel_ffn(
-          tokens, routing.expert_index, routing.weight, experts.weights(),
+          tokens, index, routing.weight, experts.weights(),
           (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
           capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None,
           all_to_all=s.all_to_all, buffer_factor=s.ragged_buffer_factor)
     else:
-      plan = PLANNERS[s.dispatch](routing.expert_index, s.num_routed,
+      plan = PLANNERS[s.dispatch](index, s.num_routed,
                                   capacity_factor=s.capacity_factor, align=s.row_align)
       y = combine(experts(dispatch(tokens, plan), plan.group_sizes), plan, routing.weight)
       num_dropped = plan.num_dropped
@@ -238,6 +298,9 @@ class MoEBlock(nn.Module):
         "device_balance": (s.device_balance_weight,
                            lambda: losses.device_balance_loss(routing, s.num_device_groups)),
         "z_loss": (s.z_loss_weight, lambda: losses.router_z_loss(routing)),
+        # the router's own losses (sequence-wise balance, entropy, ...)
+        **{name: (w, lambda name=name: routing.losses[name])
+           for name, w in routing.loss_weights if name in routing.losses},
     }
     for name, (weight, fn) in terms.items():
       if weight > 0:

@@ -24,7 +24,10 @@ from moejax.parallel.rules import LOGICAL_AXIS_RULES
 from moejax.train import data as data_lib
 from moejax.train.optimizer import learning_rate_schedule
 
-_MUTABLE = ["losses", "intermediates"]
+# losses: sown auxiliary losses; intermediates: metrics; param_updates: deltas for parameters
+# that are not trained by gradients (a router's selection bias or threshold), added after the
+# optimiser step (see apply_param_updates).
+_MUTABLE = ["losses", "intermediates", "param_updates"]
 
 
 def build_model(config) -> Transformer:
@@ -78,13 +81,32 @@ def aux_loss(mutated) -> jax.Array:
                      jnp.float32)
 
 
-def loss_fn(model, params, batch, rng, deterministic):
-  """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))."""
+def loss_fn(model, params, batch, rng, deterministic, *, with_updates: bool = False):
+  """Mean next-token cross-entropy + sown auxiliary losses. -> (total, (ce, aux, intermediates))
+  (and the sown ``param_updates`` as a fourth entry with ``with_updates``)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
   logits, mutated = apply_model(model, params, inputs, rng, deterministic)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = aux_loss(mutated)
-  return ce + aux, (ce, aux, mutated.get("intermediates", {}))
+  out = (ce, aux, mutated.get("intermediates", {}))
+  if with_updates:
+    out += (jax.lax.stop_gradient(mutated.get("param_updates", {})),)
+  return ce + aux, out
+
+
+def apply_param_updates(params, updates):
+  """params + the sown deltas, at the same paths ({'layer_1': {'moe': {'router':
+  {'selection_bias': (delta,)}}}} adds delta to params['layer_1']['moe']['router']
+  ['selection_bias']); every other parameter is returned unchanged."""
+  if not updates:
+    return params
+  params = dict(params)
+  for name, sub in updates.items():
+    if isinstance(sub, tuple):       # sow's tuple of values: the leaf itself
+      params[name] = params[name] + sum(sub)
+    else:
+      params[name] = apply_param_updates(params[name], sub)
+  return params
 
 
 def _in_mesh(fn, mesh: Mesh):
@@ -112,11 +134,12 @@ def make_train_step(model, tx, config, shardings, mesh: Mesh):
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng, False), has_aux=True)
-    (loss, (ce, aux, inter)), grads = grad_fn(state["params"])
+    grad_fn = jax.value_and_grad(
+        lambda p: loss_fn(model, p, batch, rng, False, with_updates=True), has_aux=True)
+    (loss, (ce, aux, inter, param_updates)), grads = grad_fn(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
+    params = apply_param_updates(optax.apply_updates(state["params"], updates), param_updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "ce": ce, "aux": aux, "grad_norm": grad_norm,
                "lr": schedule(state["step"]), "moe": inter,

@@ -1,0 +1,331 @@
+"""The router zoo against its equations in NumPy: DeepSeek-V3 sigmoid + bias + groups (and
+MoGE), top-p, null experts, expert choice; each inside the MoE block against a per-expert sum."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.errors import ConfigError
+from moejax.layers import losses
+from moejax.layers.moe import MoEBlock, MoESpec
+from moejax.layers.routers import (ExpertChoiceRouter, SigmoidRouter, TopKSoftmaxRouter,
+                                   TopPRouter)
+from moejax.layers.routers import expert_choice, sigmoid, top_p
+
+D = 16
+
+
+def np_sigmoid_route(logits, bias, k, groups=1, keep=1, fill="neg_inf", routing="limited",
+                     renorm=True, scaling=1.0):
+  """DeepSeek-V3 selection and gates, row by row; -> list of {expert: gate} per token."""
+  s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  choice = s + bias
+  t, e = s.shape
+  m = e // groups
+  out = []
+  for r in range(t):
+    c = choice[r]
+    if groups == 1:
+      sel = np.argsort(-c, kind="stable")[:k]
+    elif routing == "balanced":
+      sel = np.concatenate([g * m + np.argsort(-c[g * m:(g + 1) * m], kind="stable")[:k // groups]
+                            for g in range(groups)])
+    else:
+      gs = np.array([np.sort(c[g * m:(g + 1) * m])[-2:].sum() for g in range(groups)])
+      kept = np.argsort(-gs, kind="stable")[:keep]
+      masked = np.full(e, -np.inf if fill == "neg_inf" else 0.0)
+      for g in kept:
+        masked[g * m:(g + 1) * m] = c[g * m:(g + 1) * m]
+      sel = np.argsort(-masked, kind="stable")[:k]
+    g = s[r, sel]
+    if renorm:
+      g = g / g.sum()
+    out.append(dict(zip(sel.tolist(), (g * scaling).tolist())))
+  return out
+
+
+def as_dicts(index, gates):
+  index, gates = np.asarray(index), np.asarray(gates)
+  return [{int(i): float(w) for i, w in zip(ri, rw) if i >= 0} for ri, rw in zip(index, gates)]
+
+
+def assert_routes_equal(got, want, tol=1e-5):
+  assert len(got) == len(want)
+  for t, (g, w) in enumerate(zip(got, want)):
+    assert set(g) == set(w), f"token {t}: {sorted(g)} vs {sorted(w)}"
+    for i in w:
+      assert abs(g[i] - w[i]) <= tol * max(1, abs(w[i])), (t, i, g[i], w[i])
+
+
+# ---------------------------------------------------------------------------- sigmoid (V3)
+@pytest.mark.parametrize("case", [
+    dict(k=2), dict(k=3, groups=4, keep=2), dict(k=2, groups=2, keep=1, fill="zero"),
+    dict(k=4, groups=4, routing="balanced"), dict(k=2, renorm=False, scaling=2.5)])
+def test_sigmoid_selection_and_gates(case):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(40, 8)).astype(np.float32)
+  bias = rng.normal(scale=0.3, size=8).astype(np.float32)
+  opts = dict(case)
+  k = opts.pop("k")
+  want = np_sigmoid_route(logits, bias, k, **opts)
+  idx = sigmoid.sigmoid_select(jax.nn.sigmoid(jnp.asarray(logits)), jnp.asarray(bias), k,
+                               num_groups=opts.get("groups", 1),
+                               groups_per_token=opts.get("keep", 1),
+                               group_mask_fill=opts.get("fill", "neg_inf"),
+                               group_routing=opts.get("routing", "limited"))
+  s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  g = np.take_along_axis(s, np.asarray(idx), -1)
+  if opts.get("renorm", True):
+    g = g / g.sum(-1, keepdims=True)
+  assert_routes_equal(as_dicts(idx, g * opts.get("scaling", 1.0)), want)
+
+
+def test_sigmoid_ties_and_bias_excluding_groups():
+  zeros = np.zeros((5, 8), np.float32)
+  # all scores equal: the lowest expert ids win, the first groups are kept
+  for groups, keep in ((1, 1), (4, 2)):
+    idx = sigmoid.sigmoid_select(jax.nn.sigmoid(jnp.asarray(zeros)), jnp.zeros(8), 3,
+                                 num_groups=groups, groups_per_token=keep)
+    want = np_sigmoid_route(zeros, np.zeros(8), 3, groups=groups, keep=keep)
+    assert_routes_equal(as_dicts(idx, np.ones_like(idx)), [{i: 1.0 for i in w} for w in want])
+    assert {tuple(sorted(r)) for r in np.asarray(idx).tolist()} == {(0, 1, 2)}
+  # a bias of -10 on groups 0 and 1 excludes them whatever the scores
+  logits = np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32)
+  bias = np.array([-10] * 4 + [0] * 4, np.float32)
+  idx = np.asarray(sigmoid.sigmoid_select(jax.nn.sigmoid(jnp.asarray(logits)), jnp.asarray(bias),
+                                          2, num_groups=4, groups_per_token=2))
+  assert idx.min() >= 4
+  # with every bias negative, the transformers fill (0.0) lets masked experts win; neg_inf never
+  bias = np.full(8, -2.0, np.float32)
+  s = 1 / (1 + np.exp(-logits.astype(np.float64))) + bias
+  kept = [set(np.argsort(-s[t].reshape(4, 2).sum(-1), kind="stable")[:2]) for t in range(30)]
+  for fill in ("neg_inf", "zero"):
+    idx = sigmoid.sigmoid_select(jax.nn.sigmoid(jnp.asarray(logits)), jnp.asarray(bias), 3,
+                                 num_groups=4, groups_per_token=2, group_mask_fill=fill)
+    want = np_sigmoid_route(logits, bias, 3, groups=4, keep=2, fill=fill)
+    assert_routes_equal(as_dicts(idx, np.ones_like(idx)), [{i: 1.0 for i in w} for w in want])
+    for t, row in enumerate(np.asarray(idx).tolist()):
+      in_kept = [i // 2 in kept[t] for i in row]
+      assert all(in_kept) if fill == "neg_inf" else not any(in_kept)
+
+
+def test_sequence_balance_loss_and_bias_update_match_numpy():
+  rng = np.random.default_rng(2)
+  e, k, seqs, seq_len = 6, 2, 3, 5
+  s = 1 / (1 + np.exp(-rng.normal(size=(seqs * seq_len, e))))
+  probs = s / s.sum(-1, keepdims=True)
+  index = np.stack([rng.choice(e, k, replace=False) for _ in range(seqs * seq_len)])
+  want = []
+  for q in range(seqs):
+    rows = slice(q * seq_len, (q + 1) * seq_len)
+    f = e / (k * seq_len) * np.bincount(index[rows].ravel(), minlength=e)
+    want.append(np.sum(f * probs[rows].mean(0)))
+  got = sigmoid.sequence_balance_loss(jnp.asarray(index), jnp.asarray(probs, jnp.float32), e,
+                                      seq_len)
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+  load = np.bincount(index.ravel(), minlength=e)
+  np.testing.assert_allclose(sigmoid.bias_update(jnp.asarray(index), e, 1e-3),
+                             1e-3 * np.sign(load.mean() - load), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- top-p
+def np_top_p(probs, p, max_k, renorm):
+  out = []
+  for row in probs.astype(np.float64):
+    order = np.argsort(-row, kind="stable")
+    cum = np.cumsum(row[order])
+    n = int(np.argmax(cum >= p)) + 1 if (cum >= p).any() else len(row)
+    sel = order[:min(n, max_k)]
+    g = row[sel] / (row[sel].sum() if renorm else 1.0)
+    out.append(dict(zip(sel.tolist(), g.tolist())))
+  return out
+
+
+@pytest.mark.parametrize("p,max_k,renorm", [(1e-6, 4, False), (0.5, 4, False), (0.5, 4, True),
+                                            (0.9, 2, False), (1.0, 8, False)])
+def test_top_p_selection(p, max_k, renorm):
+  logits = np.random.default_rng(3).normal(scale=1.5, size=(50, 8)).astype(np.float32)
+  probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
+  idx, gates = top_p.top_p_select(probs, p, max_k, renorm)
+  assert idx.shape == (50, max_k)
+  assert_routes_equal(as_dicts(idx, gates), np_top_p(np.asarray(probs), p, max_k, renorm))
+  counts = (np.asarray(idx) >= 0).sum(-1)
+  if p == 1e-6:
+    assert (counts == 1).all()              # the top expert alone reaches p
+  if p == 1.0:
+    assert (counts == 8).all()              # every expert
+  assert np.all(np.asarray(gates)[np.asarray(idx) < 0] == 0)
+
+
+def test_top_p_entropy_loss_matches_numpy():
+  x = jax.random.normal(jax.random.key(0), (2, 6, D))
+  router = TopPRouter(num_experts=5, max_k=3, p=0.5, entropy_loss_weight=1e-4)
+  params = router.init(jax.random.key(1), x)
+  r = router.apply(params, x)
+  p = np.asarray(r.probs, np.float64)
+  np.testing.assert_allclose(r.losses["router_entropy_loss"],
+                             np.mean(-(p * np.log(p)).sum(-1)), rtol=1e-5)
+  assert dict(r.loss_weights)["router_entropy_loss"] == 1e-4
+
+
+# ---------------------------------------------------------------------------- expert choice
+def test_expert_choice_selection_and_threshold():
+  logits = np.random.default_rng(4).normal(size=(20, 4)).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
+  c = expert_choice.expert_capacity(20, 4, 2, 1.0)
+  assert c == 10
+  idx, gates, kth = expert_choice.expert_choice_select(jnp.asarray(probs), c)
+  want = [dict() for _ in range(20)]
+  for e in range(4):
+    top = np.argsort(-probs[:, e], kind="stable")[:c]
+    for t in top:
+      want[t][e] = probs[t, e]
+    assert kth[e] == pytest.approx(probs[top[-1], e])
+  assert_routes_equal(as_dicts(idx, gates), want)
+  assert (np.asarray(idx) >= 0).sum() == 4 * c                 # balanced by construction
+  tau = np.array([0.2, 0.3, 0.25, 0.9], np.float32)
+  idx, gates = expert_choice.threshold_select(jnp.asarray(probs), jnp.asarray(tau))
+  want = [{e: probs[t, e] for e in range(4) if probs[t, e] >= tau[e]} for t in range(20)]
+  assert_routes_equal(as_dicts(idx, gates), want)
+
+
+def test_expert_choice_threshold_is_an_ema_of_the_capacity_score():
+  x = jax.random.normal(jax.random.key(0), (1, 20, D))
+  router = ExpertChoiceRouter(num_experts=4, k=2, threshold_momentum=0.9)
+  params = router.init(jax.random.key(1), x)
+  r, upd = router.apply(params, x, deterministic=False, mutable=["param_updates"])
+  kth = [np.sort(np.asarray(r.probs)[:, e])[-10] for e in range(4)]
+  np.testing.assert_allclose(upd["param_updates"]["threshold"][0], 0.1 * np.array(kth), rtol=1e-5)
+  # causal form: one token's routing does not depend on the other tokens
+  params = jax.tree.map(lambda a: a, params)
+  params["params"]["threshold"] = jnp.full((4,), 0.25)
+  full = router.apply(params, x)
+  alone = router.apply(params, x[:, :3])
+  np.testing.assert_array_equal(full.expert_index[:3], alone.expert_index)
+
+
+# ---------------------------------------------------------------------------- in the block
+def np_swiglu(u, wi, wo):
+  g, up = u @ wi[:, 0], u @ wi[:, 1]
+  return (g / (1 + np.exp(-g)) * up) @ wo
+
+
+def np_block(u, params, routes):
+  """sum over a token's routed experts of gate x FFN_e(u): the per-expert loop reference."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  out = np.zeros_like(u)
+  for t, route in enumerate(routes):
+    for e, g in route.items():
+      out[t] += g * np_swiglu(u[t], p["experts"]["wi"][e], p["experts"]["wo"][e])
+  return out
+
+
+def _block(spec, x, deterministic=True):
+  block = MoEBlock(spec)
+  params = nn.meta.unbox(block.init(jax.random.key(0), x)["params"])
+  for name in ("kernel", "null_kernel"):     # decisive routing
+    if name in params["router"]:
+      params["router"][name] = params["router"][name] * 50
+  return block, params
+
+
+BASE = dict(num_experts=8, top_k=2, expert_hidden=8, load_balance_weight=0.0)
+ROUTER_SPECS = {
+    "sigmoid_groups": dict(router="sigmoid", num_expert_groups=4, groups_per_token=2,
+                           routed_scaling_factor=2.5, sequence_balance_weight=1e-4),
+    "top_p": dict(router="top_p", top_k=4, top_p=0.6, renormalize=False),
+    "null_experts": dict(router="topk_softmax", null_experts=3),
+    "expert_choice": dict(router="expert_choice", expert_choice_eval="batch"),
+}
+
+
+def np_routes(name, spec, u, params):
+  logits = u @ np.asarray(params["router"]["kernel"], np.float64)
+  if name == "sigmoid_groups":
+    return np_sigmoid_route(logits, np.asarray(params["router"]["selection_bias"]),
+                            spec.routed_k, groups=4, keep=2, scaling=2.5)
+  if name == "null_experts":
+    logits = np.concatenate([logits, u @ np.asarray(params["router"]["null_kernel"])], -1)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  if name == "top_p":
+    return np_top_p(probs, 0.6, 4, False)
+  if name == "null_experts":   # top-2 of 11, renormalised over both picks; nulls add nothing
+    out = []
+    for row in probs:
+      sel = np.argsort(-row, kind="stable")[:2]
+      out.append({int(i): row[i] / row[sel].sum() for i in sel if i < 8})
+    return out
+  c = expert_choice.expert_capacity(len(u), 8, 2, spec.capacity_factor)
+  out = [dict() for _ in u]
+  for e in range(8):
+    for t in np.argsort(-probs[:, e], kind="stable")[:c]:
+      out[t][e] = probs[t, e]
+  return out
+
+
+@pytest.mark.parametrize("name", list(ROUTER_SPECS))
+def test_block_with_router_equals_per_expert_loop(name):
+  spec = MoESpec(**{**BASE, **ROUTER_SPECS[name]})
+  x = jax.random.normal(jax.random.key(1), (2, 12, D))
+  block, params = _block(spec, x)
+  y, state = block.apply({"params": params}, x, mutable=["intermediates", "losses"])
+  u = np.asarray(x, np.float64).reshape(-1, D)
+  want = np_block(u, params, np_routes(name, spec, u, params))
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=2e-4, atol=2e-5)
+  inter = state["intermediates"]
+  routed = sum(len(r) for r in np_routes(name, spec, u, params))
+  np.testing.assert_allclose(inter["experts_per_token"][0], routed / len(u), rtol=1e-6)
+  if name == "null_experts":
+    assert 0 < float(inter["null_fraction"][0]) < 1
+  if name == "sigmoid_groups":
+    assert set(state["losses"]) == {"sequence_balance"}
+  # gradients reach the router through the gates
+  grad = jax.grad(lambda p: jnp.sum(block.apply({"params": p}, x) ** 2))(params)
+  assert float(jnp.abs(grad["router"]["kernel"]).sum()) > 0
+  for leaf in ("selection_bias", "threshold"):
+    if leaf in grad["router"]:
+      assert float(jnp.abs(grad["router"][leaf]).sum()) == 0   # not trained by gradients
+
+
+def test_balance_loss_counts_null_experts():
+  spec = MoESpec(**{**BASE, **ROUTER_SPECS["null_experts"]})
+  x = jax.random.normal(jax.random.key(2), (1, 30, D))
+  block, params = _block(spec, x)
+  r = TopKSoftmaxRouter.from_spec(spec).apply({"params": params["router"]}, x)
+  idx = np.asarray(r.expert_index)
+  assert idx.max() >= 8                          # some null picks, ...
+  assert (np.asarray(r.dispatch_index) < 8).all()  # ... never dispatched
+  f = np.bincount(idx.ravel(), minlength=11) / idx.size
+  want = 11 * np.sum(f * np.asarray(r.probs, np.float64).mean(0))
+  np.testing.assert_allclose(losses.load_balance_loss(r), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(null_experts=2, router="sigmoid"), "null_experts: is read only by .*'topk_softmax'"),
+    (dict(bias_update_rate=1e-3), "bias_update_rate: is read only by .*'sigmoid'"),
+    (dict(router="sigmoid", num_expert_groups=3), "num_expert_groups: must be > 0 and divide"),
+    (dict(router="sigmoid", num_expert_groups=4, groups_per_token=1, top_k=3),
+     "groups_per_token: .*keep at least the 3 active"),
+    (dict(router="sigmoid", num_expert_groups=4, group_routing="balanced", top_k=3),
+     "group_routing: 'balanced' takes exactly k/G"),
+    (dict(router="sigmoid", group_mask_fill="nan"), "group_mask_fill: got 'nan'"),
+    (dict(router="top_p", top_p=1.5), r"top_p: must be in \(0, 1\]"),
+    (dict(router="expert_choice", dispatch="capacity"), "dispatch: .*balances the experts"),
+    (dict(router="nope"), "router: got 'nope'; allowed: 'topk_softmax', 'sigmoid', 'top_p'"),
+])
+def test_router_settings_are_validated(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    MoESpec(**{**BASE, **fields})
+
+
+def test_from_spec_reads_the_options():
+  spec = MoESpec(**{**BASE, **ROUTER_SPECS["sigmoid_groups"]}, bias_update_rate=1e-3)
+  r = SigmoidRouter.from_spec(spec)
+  assert (r.num_groups, r.groups_per_token, r.scaling, r.bias_update_rate) == (4, 2, 2.5, 1e-3)
+  assert math.isclose(r.sequence_balance_weight, 1e-4)
+  assert dataclasses.asdict(spec)["router"] == "sigmoid"
