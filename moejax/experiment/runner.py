@@ -158,8 +158,10 @@ class Study:
     with open(path) as f:
       r = json.load(f)
     want = json.loads(json.dumps(config_lib.flatten(self.config_for(name, seed))))
-    diff = sorted(k for k in set(want) | set(r["flat_config"])
-                  if want.get(k) != r["flat_config"].get(k))
+    # settings added to moejax after the run was made count at their defaults
+    have = {**json.loads(json.dumps(config_lib.flatten(config_lib.base_config()))),
+            **r["flat_config"]}
+    diff = sorted(k for k in want if want[k] != have.get(k))
     if diff:
       raise ConfigError(
           f"{path}: a finished run with other settings ({', '.join(diff[:5])}"
