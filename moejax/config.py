@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.sequence_balance_weight = 0.0   # sigmoid: V3 sequence-wise balance loss (V3: 1e-4)
   e.top_p = 0.4                  # top_p: cumulative router probability to reach
   e.entropy_loss_weight = 0.0    # top_p: router entropy loss (paper: 1e-4)
-  e.expert_choice_eval = "threshold"   # expert_choice: causal threshold | batch (non-causal)
+  e.similarity_loss_weight = 0.0   # expert_race: router similarity loss
+  e.expert_choice_eval = "threshold"   # expert_choice/expert_race at eval: causal threshold |
+                                       # batch (the non-causal training form)
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 

@@ -81,7 +81,7 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
           f" got {v['num_device_groups']}")
   for name in ("load_balance_weight", "device_balance_weight", "z_loss_weight", "jitter_eps",
                "noise_std", "null_experts", "bias_update_rate", "sequence_balance_weight",
-               "entropy_loss_weight"):
+               "entropy_loss_weight", "similarity_loss_weight"):
     require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
   _check_router_fields(v, require, ref, routed)
 
@@ -91,15 +91,18 @@ _ROUTER_ONLY = {
     "null_experts": ("topk_softmax", 0), "routed_scaling_factor": ("sigmoid", 1.0),
     "bias_update_rate": ("sigmoid", 0.0), "num_expert_groups": ("sigmoid", 1),
     "sequence_balance_weight": ("sigmoid", 0.0), "entropy_loss_weight": ("top_p", 0.0),
+    "similarity_loss_weight": ("expert_race", 0.0),
+    "expert_choice_eval": (("expert_choice", "expert_race"), "threshold"),
 }
 
 
 def _check_router_fields(v, require, ref, routed: int) -> None:
   router, k = v["router"], v["segments"] * v["top_k"] - v["num_shared_experts"]
-  for name, (owner, default) in _ROUTER_ONLY.items():
-    require(v[name] == default or router == owner, name,
-            f"is read only by {ref('router')}='{owner}' (here {router!r}); leave it at "
-            f"{default} or use that router")
+  for name, (owners, default) in _ROUTER_ONLY.items():
+    owners = (owners,) if isinstance(owners, str) else owners
+    require(v[name] == default or router in owners, name,
+            f"is read only by {ref('router')}={' or '.join(map(repr, owners))} (here "
+            f"{router!r}); leave it at {default!r} or use that router")
   for name, allowed in (("group_mask_fill", ("neg_inf", "zero")),
                         ("group_routing", ("limited", "balanced")),
                         ("expert_choice_eval", ("threshold", "batch"))):
@@ -120,10 +123,10 @@ def _check_router_fields(v, require, ref, routed: int) -> None:
             f"experts (groups_per_token * {routed // g} experts per group), got {kg}")
   if router == "top_p":
     require(0 < v["top_p"] <= 1, "top_p", f"must be in (0, 1], got {v['top_p']}")
-  if router == "expert_choice":
+  if router in ("expert_choice", "expert_race"):
     require(v["dispatch"] == "dropless", "dispatch",
-            f"{ref('router')}='expert_choice' balances the experts by construction (each "
-            f"takes its top capacity_factor*T*k/E tokens); use 'dropless', got {v['dispatch']!r}")
+            f"{ref('router')}={router!r} decides how many tokens each expert takes itself "
+            f"(no capacity to enforce); use 'dropless', got {v['dispatch']!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +177,8 @@ class MoESpec:
   sequence_balance_weight: float = 0.0  # sigmoid: V3's sequence-wise balance loss alpha
   top_p: float = 0.4                    # top_p: cumulative probability to reach
   entropy_loss_weight: float = 0.0      # top_p: router entropy loss
-  expert_choice_eval: str = "threshold"   # expert_choice: causal "threshold" | "batch"
+  similarity_loss_weight: float = 0.0   # expert_race: router similarity loss
+  expert_choice_eval: str = "threshold"   # expert_choice/race: causal "threshold" | "batch"
 
   def __post_init__(self):
     check_moe_fields(self.__dict__)

@@ -12,9 +12,10 @@ from flax import linen as nn
 from moejax.errors import ConfigError
 from moejax.layers import losses
 from moejax.layers.moe import MoEBlock, MoESpec
-from moejax.layers.routers import (ExpertChoiceRouter, SigmoidRouter, TopKSoftmaxRouter,
-                                   TopPRouter)
-from moejax.layers.routers import expert_choice, sigmoid, top_p
+from moejax.layers.routers import (ExpertChoiceRouter, ExpertRaceRouter, SigmoidRouter,
+                                   TopKSoftmaxRouter, TopPRouter)
+from moejax.layers.routers import batch_choice as expert_choice
+from moejax.layers.routers import sigmoid, top_p
 
 D = 16
 
@@ -208,6 +209,38 @@ def test_expert_choice_threshold_is_an_ema_of_the_capacity_score():
   np.testing.assert_array_equal(full.expert_index[:3], alone.expert_index)
 
 
+def test_expert_race_selection_similarity_loss_and_threshold():
+  logits = np.random.default_rng(5).normal(size=(12, 4)).astype(np.float32)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1), np.float64)
+  idx, gates, kth = expert_choice.race_select(jnp.asarray(probs, jnp.float32), 2)
+  flat = np.argsort(-probs.ravel(), kind="stable")[:24]
+  want = [dict() for _ in range(12)]
+  for f in flat:
+    want[f // 4][f % 4] = probs.ravel()[f]
+  assert_routes_equal(as_dicts(idx, gates), want)
+  assert kth == pytest.approx(probs.ravel()[flat[-1]], rel=1e-6)
+  m = (np.asarray(idx) >= 0).astype(np.float64)
+  co = m.T @ m
+  np.fill_diagonal(co, 0)
+  unit = probs / np.linalg.norm(probs, axis=0)
+  cos = unit.T @ unit
+  np.testing.assert_allclose(
+      expert_choice.router_similarity_loss(jnp.asarray(probs, jnp.float32), jnp.asarray(m > 0)),
+      np.sum(co * cos) / co.sum(), rtol=1e-5)
+  # threshold: a scalar EMA of the (T k)-th score; decoding is per token
+  x = jax.random.normal(jax.random.key(0), (1, 12, D))
+  router = ExpertRaceRouter(num_experts=4, k=2, threshold_momentum=0.8,
+                            similarity_loss_weight=0.1)
+  params = router.init(jax.random.key(1), x)
+  r, upd = router.apply(params, x, deterministic=False, mutable=["param_updates"])
+  kth = np.sort(np.asarray(r.probs).ravel())[-24]
+  np.testing.assert_allclose(upd["param_updates"]["threshold"][0], 0.2 * kth, rtol=1e-5)
+  assert "router_similarity" in r.losses
+  params["params"]["threshold"] = jnp.asarray(0.3)
+  np.testing.assert_array_equal(router.apply(params, x).expert_index[:4],
+                                router.apply(params, x[:, :4]).expert_index)
+
+
 # ---------------------------------------------------------------------------- in the block
 def np_swiglu(u, wi, wo):
   g, up = u @ wi[:, 0], u @ wi[:, 1]
@@ -240,6 +273,8 @@ ROUTER_SPECS = {
     "top_p": dict(router="top_p", top_k=4, top_p=0.6, renormalize=False),
     "null_experts": dict(router="topk_softmax", null_experts=3),
     "expert_choice": dict(router="expert_choice", expert_choice_eval="batch"),
+    "expert_race": dict(router="expert_race", expert_choice_eval="batch",
+                        similarity_loss_weight=0.01),
 }
 
 
@@ -259,6 +294,12 @@ def np_routes(name, spec, u, params):
     for row in probs:
       sel = np.argsort(-row, kind="stable")[:2]
       out.append({int(i): row[i] / row[sel].sum() for i in sel if i < 8})
+    return out
+  if name == "expert_race":
+    flat = np.argsort(-probs.ravel(), kind="stable")[:len(u) * 2]
+    out = [dict() for _ in u]
+    for f in flat:
+      out[f // 8][f % 8] = probs.ravel()[f]
     return out
   c = expert_choice.expert_capacity(len(u), 8, 2, spec.capacity_factor)
   out = [dict() for _ in u]
@@ -315,7 +356,9 @@ def test_balance_loss_counts_null_experts():
      "group_routing: 'balanced' takes exactly k/G"),
     (dict(router="sigmoid", group_mask_fill="nan"), "group_mask_fill: got 'nan'"),
     (dict(router="top_p", top_p=1.5), r"top_p: must be in \(0, 1\]"),
-    (dict(router="expert_choice", dispatch="capacity"), "dispatch: .*balances the experts"),
+    (dict(router="expert_choice", dispatch="capacity"), "dispatch: .*no capacity to enforce"),
+    (dict(similarity_loss_weight=0.1), "similarity_loss_weight: is read only by .*'expert_race'"),
+    (dict(expert_choice_eval="batch"), "expert_choice_eval: .*'expert_choice' or 'expert_race'"),
     (dict(router="nope"), "router: got 'nope'; allowed: 'topk_softmax', 'sigmoid', 'top_p'"),
 ])
 def test_router_settings_are_validated(fields, message):

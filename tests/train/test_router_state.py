@@ -18,6 +18,7 @@ ROUTER_CONFIGS = {
     "top_p": {"model.moe.router": "top_p", "model.moe.top_p": 0.5,
               "model.moe.entropy_loss_weight": 1e-3},
     "expert_choice": {"model.moe.router": "expert_choice"},
+    "expert_race": {"model.moe.router": "expert_race", "model.moe.similarity_loss_weight": 0.01},
 }
 
 

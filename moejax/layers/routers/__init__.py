@@ -10,7 +10,7 @@ and ``__call__(x, *, deterministic) -> RoutingResult``; its own losses travel in
 with a stop-gradient, changed by a delta sown in ``param_updates`` that the train step adds
 after the optimiser. A new router is a new file and a line in ``ROUTERS``.
 """
-from moejax.layers.routers.expert_choice import ExpertChoiceRouter
+from moejax.layers.routers.batch_choice import ExpertChoiceRouter, ExpertRaceRouter
 from moejax.layers.routers.result import RoutingResult, router_logits  # noqa: F401
 from moejax.layers.routers.sigmoid import SigmoidRouter
 from moejax.layers.routers.top_p import TopPRouter
@@ -22,4 +22,5 @@ ROUTERS = {
     "sigmoid": SigmoidRouter,
     "top_p": TopPRouter,
     "expert_choice": ExpertChoiceRouter,
+    "expert_race": ExpertRaceRouter,
 }
