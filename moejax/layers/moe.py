@@ -255,10 +255,15 @@ class MoEBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool = True,
+               token_ids: Array | None = None) -> Array:
+    """x [..., D] -> [..., D]. ``token_ids`` [...]: the input ids, for routers that route by
+    them (hash); the transformer always passes them."""
     s = self.spec
     tokens = x.reshape(-1, x.shape[-1])
-    routing = ROUTERS[s.router].from_spec(s, name="router")(x, deterministic=deterministic)
+    router = ROUTERS[s.router].from_spec(s, name="router")
+    context = {"token_ids": token_ids} if getattr(router, "needs_token_ids", False) else {}
+    routing = router(x, deterministic=deterministic, **context)
     index = routing.dispatch_index      # null-expert slots are unused: never computed
     experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")

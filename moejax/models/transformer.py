@@ -61,14 +61,15 @@ class DecoderLayer(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, positions: Array, *, deterministic: bool,
+               tokens: Array | None = None) -> Array:
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
     x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
                       name="attn")(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     if c.is_moe_layer(self.layer):
-      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic)
+      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens)
     else:
       y = SwiGLU(c.ffn_hidden, dt, name="ffn")(h)
     x = x + y
@@ -88,7 +89,8 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     for i in range(c.num_layers):
-      x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic)
+      x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic,
+                                                tokens=tokens)
     x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     unembed = self.param("unembed", nn.with_logical_partitioning(
         kernel_init(0, 1), ("embed", "vocab")),

@@ -372,3 +372,34 @@ def test_from_spec_reads_the_options():
   assert (r.num_groups, r.groups_per_token, r.scaling, r.bias_update_rate) == (4, 2, 2.5, 1e-3)
   assert math.isclose(r.sequence_balance_weight, 1e-4)
   assert dataclasses.asdict(spec)["router"] == "sigmoid"
+
+
+# ---------------------------------------------------------------------------- hash
+def test_hash_routing_is_a_fixed_balanced_function_of_the_id():
+  from moejax.layers.routers import hash as hash_router
+  ids = jnp.arange(256)
+  idx = np.asarray(hash_router.hash_experts(ids, 8, 2))
+  assert idx.shape == (256, 2) and (idx[:, 0] != idx[:, 1]).all()
+  again = np.asarray(hash_router.hash_experts(jnp.array([[5, 200], [5, 7]]), 8, 2))
+  np.testing.assert_array_equal(again[0], idx[5])            # same id, same experts,
+  np.testing.assert_array_equal(again[2], idx[5])            # whatever else is in the batch
+  counts = np.bincount(idx.ravel(), minlength=8)
+  assert counts.min() > 0.6 * 64 and counts.max() < 1.4 * 64   # ~balanced over ids
+  assert not np.array_equal(np.asarray(hash_router.hash_experts(ids, 8, 2, salt=1)), idx)
+
+
+def test_block_with_hash_router_uses_the_token_ids():
+  spec = MoESpec(**{**BASE, "router": "hash"})
+  x = jax.random.normal(jax.random.key(3), (2, 6, D))
+  ids = jax.random.randint(jax.random.key(4), (2, 6), 0, 256)
+  block = MoEBlock(spec)
+  params = nn.meta.unbox(block.init(jax.random.key(0), x, token_ids=ids)["params"])
+  assert "router" not in params                               # no router parameters
+  y = block.apply({"params": params}, x, token_ids=ids)
+  from moejax.layers.routers import hash as hash_router
+  idx = np.asarray(hash_router.hash_experts(ids, 8, 2))
+  routes = [{int(e): 0.5 for e in row} for row in idx]
+  want = np_block(np.asarray(x, np.float64).reshape(-1, D), params, routes)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="routes by token id"):
+    block.apply({"params": params}, x)

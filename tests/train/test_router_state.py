@@ -19,6 +19,7 @@ ROUTER_CONFIGS = {
               "model.moe.entropy_loss_weight": 1e-3},
     "expert_choice": {"model.moe.router": "expert_choice"},
     "expert_race": {"model.moe.router": "expert_race", "model.moe.similarity_loss_weight": 0.01},
+    "hash": {"model.moe.router": "hash"},
 }
 
 

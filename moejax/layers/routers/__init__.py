@@ -11,6 +11,7 @@ with a stop-gradient, changed by a delta sown in ``param_updates`` that the trai
 after the optimiser. A new router is a new file and a line in ``ROUTERS``.
 """
 from moejax.layers.routers.batch_choice import ExpertChoiceRouter, ExpertRaceRouter
+from moejax.layers.routers.hash import HashRouter
 from moejax.layers.routers.result import RoutingResult, router_logits  # noqa: F401
 from moejax.layers.routers.sigmoid import SigmoidRouter
 from moejax.layers.routers.top_p import TopPRouter
@@ -23,4 +24,5 @@ ROUTERS = {
     "top_p": TopPRouter,
     "expert_choice": ExpertChoiceRouter,
     "expert_race": ExpertRaceRouter,
+    "hash": HashRouter,
 }
