@@ -81,7 +81,7 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
           f" got {v['num_device_groups']}")
   for name in ("load_balance_weight", "device_balance_weight", "z_loss_weight", "jitter_eps",
                "noise_std", "null_experts", "bias_update_rate", "sequence_balance_weight",
-               "entropy_loss_weight", "similarity_loss_weight"):
+               "entropy_loss_weight", "similarity_loss_weight", "consistency_loss_weight"):
     require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
   _check_router_fields(v, require, ref, routed)
 
@@ -92,6 +92,7 @@ _ROUTER_ONLY = {
     "bias_update_rate": ("sigmoid", 0.0), "num_expert_groups": ("sigmoid", 1),
     "sequence_balance_weight": ("sigmoid", 0.0), "entropy_loss_weight": ("top_p", 0.0),
     "similarity_loss_weight": ("expert_race", 0.0),
+    "consistency_loss_weight": ("stochastic", 0.0),
     "expert_choice_eval": (("expert_choice", "expert_race"), "threshold"),
 }
 
@@ -178,6 +179,7 @@ class MoESpec:
   top_p: float = 0.4                    # top_p: cumulative probability to reach
   entropy_loss_weight: float = 0.0      # top_p: router entropy loss
   similarity_loss_weight: float = 0.0   # expert_race: router similarity loss
+  consistency_loss_weight: float = 0.0  # stochastic (THOR): two passes + symmetric KL
   expert_choice_eval: str = "threshold"   # expert_choice/race: causal "threshold" | "batch"
 
   def __post_init__(self):

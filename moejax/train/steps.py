@@ -88,6 +88,16 @@ def loss_fn(model, params, batch, rng, deterministic, *, with_updates: bool = Fa
   logits, mutated = apply_model(model, params, inputs, rng, deterministic)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux = aux_loss(mutated)
+  alpha = model.cfg.moe.consistency_loss_weight if model.cfg.moe is not None else 0.0
+  if alpha > 0 and not deterministic:
+    # THOR (see layers/routers/stochastic.py): a second pass with independent random experts;
+    # mean of both cross-entropies + alpha x the symmetric KL between the two predictions.
+    logits2, mutated2 = apply_model(model, params, inputs, jax.random.fold_in(rng, 1), False)
+    ce = (ce + optax.softmax_cross_entropy_with_integer_labels(logits2, targets).mean()) / 2
+    aux = (aux + aux_loss(mutated2)) / 2
+    lp, lq = jax.nn.log_softmax(logits), jax.nn.log_softmax(logits2)
+    sym_kl = jnp.mean(jnp.sum((jnp.exp(lp) - jnp.exp(lq)) * (lp - lq), axis=-1)) / 2
+    aux = aux + alpha * sym_kl
   out = (ce, aux, mutated.get("intermediates", {}))
   if with_updates:
     out += (jax.lax.stop_gradient(mutated.get("param_updates", {})),)

@@ -403,3 +403,45 @@ def test_block_with_hash_router_uses_the_token_ids():
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=2e-4, atol=2e-5)
   with pytest.raises(ValueError, match="routes by token id"):
     block.apply({"params": params}, x)
+
+
+# ---------------------------------------------------------------------------- stochastic (THOR)
+def test_stochastic_router_draws_distinct_uniform_experts():
+  from moejax.layers.routers import StochasticRouter
+  x = jnp.zeros((1, 4000, D))
+  router = StochasticRouter(num_experts=8, k=2)
+  r1 = router.apply({}, x, deterministic=False, rngs={"router": jax.random.key(1)})
+  r2 = router.apply({}, x, deterministic=False, rngs={"router": jax.random.key(2)})
+  idx = np.asarray(r1.expert_index)
+  assert (idx[:, 0] != idx[:, 1]).all()
+  assert not np.array_equal(idx, np.asarray(r2.expert_index))
+  counts = np.bincount(idx.ravel(), minlength=8)
+  assert np.abs(counts / counts.sum() - 1 / 8).max() < 0.02
+  np.testing.assert_allclose(r1.weight, 0.5)
+  np.testing.assert_array_equal(router.apply({}, x).expert_index,      # eval: a fixed draw
+                                router.apply({}, x).expert_index)
+
+
+def test_thor_consistency_loss_matches_numpy():
+  from conftest import tiny_config
+  from moejax import config as config_lib
+  from moejax.train import steps
+  c = config_lib.apply_overrides(tiny_config("deepseekmoe"), {
+      "model.moe.router": "stochastic", "model.moe.consistency_loss_weight": 0.5,
+      "model.moe.load_balance_weight": 0.0})
+  model = steps.build_model(c)
+  params, _ = steps.init_params(model, jax.random.key(0), 8)
+  batch = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
+  rng = jax.random.key(7)
+  total, (ce, aux, _) = steps.loss_fn(model, params, batch, rng, False)
+  logits = [np.asarray(steps.apply_model(model, params, batch[:, :-1], r, False)[0], np.float64)
+            for r in (rng, jax.random.fold_in(rng, 1))]
+  assert not np.allclose(logits[0], logits[1])          # two different draws
+  logp = [l - np.log(np.exp(l).sum(-1, keepdims=True)) for l in logits]
+  y = np.asarray(batch[:, 1:])
+  ces = [-np.take_along_axis(lp, y[..., None], -1).mean() for lp in logp]
+  p, q = np.exp(logp[0]), np.exp(logp[1])
+  kl = lambda a, b, la, lb: np.mean(np.sum(a * (la - lb), -1))
+  sym = (kl(p, q, logp[0], logp[1]) + kl(q, p, logp[1], logp[0])) / 2
+  np.testing.assert_allclose(ce, np.mean(ces), rtol=1e-5)
+  np.testing.assert_allclose(total, np.mean(ces) + 0.5 * sym, rtol=1e-5)

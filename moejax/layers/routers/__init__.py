@@ -14,6 +14,7 @@ from moejax.layers.routers.batch_choice import ExpertChoiceRouter, ExpertRaceRou
 from moejax.layers.routers.hash import HashRouter
 from moejax.layers.routers.result import RoutingResult, router_logits  # noqa: F401
 from moejax.layers.routers.sigmoid import SigmoidRouter
+from moejax.layers.routers.stochastic import StochasticRouter
 from moejax.layers.routers.top_p import TopPRouter
 from moejax.layers.routers.topk import TopKSoftmaxRouter, topk_softmax  # noqa: F401
 
@@ -25,4 +26,5 @@ ROUTERS = {
     "expert_choice": ExpertChoiceRouter,
     "expert_race": ExpertRaceRouter,
     "hash": HashRouter,
+    "stochastic": StochasticRouter,
 }
