@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.entropy_loss_weight = 0.0    # top_p: router entropy loss (paper: 1e-4)
   e.similarity_loss_weight = 0.0   # expert_race: router similarity loss
   e.consistency_loss_weight = 0.0  # stochastic (THOR): 2 forward passes + symmetric KL
+  e.recurrent_router_dim = 0     # recurrent (RMoE): GRU width shared by layers; 0 = d_model
   e.expert_choice_eval = "threshold"   # expert_choice/expert_race at eval: causal threshold |
                                        # batch (the non-causal training form)
   e.moe_every = 1                # every n-th layer is MoE ...

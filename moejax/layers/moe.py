@@ -81,7 +81,8 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
           f" got {v['num_device_groups']}")
   for name in ("load_balance_weight", "device_balance_weight", "z_loss_weight", "jitter_eps",
                "noise_std", "null_experts", "bias_update_rate", "sequence_balance_weight",
-               "entropy_loss_weight", "similarity_loss_weight", "consistency_loss_weight"):
+               "entropy_loss_weight", "similarity_loss_weight", "consistency_loss_weight",
+               "recurrent_router_dim"):
     require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
   _check_router_fields(v, require, ref, routed)
 
@@ -93,6 +94,7 @@ _ROUTER_ONLY = {
     "sequence_balance_weight": ("sigmoid", 0.0), "entropy_loss_weight": ("top_p", 0.0),
     "similarity_loss_weight": ("expert_race", 0.0),
     "consistency_loss_weight": ("stochastic", 0.0),
+    "recurrent_router_dim": ("recurrent", 0),
     "expert_choice_eval": (("expert_choice", "expert_race"), "threshold"),
 }
 
@@ -180,6 +182,7 @@ class MoESpec:
   entropy_loss_weight: float = 0.0      # top_p: router entropy loss
   similarity_loss_weight: float = 0.0   # expert_race: router similarity loss
   consistency_loss_weight: float = 0.0  # stochastic (THOR): two passes + symmetric KL
+  recurrent_router_dim: int = 0         # recurrent (RMoE): GRU width; 0 = d_model
   expert_choice_eval: str = "threshold"   # expert_choice/race: causal "threshold" | "batch"
 
   def __post_init__(self):
@@ -257,15 +260,21 @@ class MoEBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool = True,
-               token_ids: Array | None = None) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool = True, token_ids: Array | None = None,
+               router_state: tuple | None = None):
     """x [..., D] -> [..., D]. ``token_ids`` [...]: the input ids, for routers that route by
-    them (hash); the transformer always passes them."""
+    them (hash). ``router_state=(gru, carry)``: for the recurrent router (RMoE), which then
+    returns (y, new carry). The transformer passes both."""
     s = self.spec
     tokens = x.reshape(-1, x.shape[-1])
     router = ROUTERS[s.router].from_spec(s, name="router")
+    recurrent = getattr(router, "recurrent", False)
     context = {"token_ids": token_ids} if getattr(router, "needs_token_ids", False) else {}
-    routing = router(x, deterministic=deterministic, **context)
+    if recurrent:
+      gru, carry = router_state if router_state is not None else (None, None)
+      routing, carry = router(x, deterministic=deterministic, gru=gru, carry=carry)
+    else:
+      routing = router(x, deterministic=deterministic, **context)
     index = routing.dispatch_index      # null-expert slots are unused: never computed
     experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
                             name="experts")
@@ -285,7 +294,8 @@ class MoEBlock(nn.Module):
     if s.num_shared_experts:
       y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(tokens)
     self._record(routing, num_dropped)
-    return y.reshape(x.shape).astype(self.dtype)
+    y = y.reshape(x.shape).astype(self.dtype)
+    return (y, carry) if recurrent else y
 
   def _log_path(self, ep: int) -> None:
     """Says once per layer kind which program the layer traced to (expert-parallel or not)."""

@@ -17,6 +17,7 @@ from moejax.layers.attention import Attention
 from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.moe import MoEBlock, MoESpec
 from moejax.layers.norms import RMSNorm
+from moejax.layers.routers import GRU, ROUTERS
 
 Array = jax.Array
 
@@ -62,18 +63,24 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, *, deterministic: bool,
-               tokens: Array | None = None) -> Array:
+               tokens: Array | None = None, router_state: tuple | None = None):
+    """-> (x, router carry): the carry of a recurrent router (RMoE), passed through dense
+    layers unchanged (None for other routers)."""
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
     x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
                       name="attn")(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
+    carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
-      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens)
+      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
+                                          router_state=router_state)
+      if router_state is not None:
+        y, carry = y
     else:
       y = SwiGLU(c.ffn_hidden, dt, name="ffn")(h)
     x = x + y
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), carry
 
 
 class Transformer(nn.Module):
@@ -88,9 +95,13 @@ class Transformer(nn.Module):
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    gru = carry = None
+    if c.moe is not None and getattr(ROUTERS[c.moe.router], "recurrent", False):
+      gru = GRU(c.moe.recurrent_router_dim or c.d_model, name="router_gru")   # shared by layers
     for i in range(c.num_layers):
-      x = DecoderLayer(c, i, name=f"layer_{i}")(x, positions, deterministic=deterministic,
-                                                tokens=tokens)
+      x, carry = DecoderLayer(c, i, name=f"layer_{i}")(
+          x, positions, deterministic=deterministic, tokens=tokens,
+          router_state=(gru, carry) if gru is not None else None)
     x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     unembed = self.param("unembed", nn.with_logical_partitioning(
         kernel_init(0, 1), ("embed", "vocab")),

@@ -28,13 +28,11 @@ def flatten_intermediates(tree) -> dict:
 
 def summarize_moe(flat: dict) -> dict:
   """Scalar summaries across MoE layers for the progress line."""
-  drops = [v for k, v in flat.items() if k.endswith("/drop_fraction")]
-  ent = [v for k, v in flat.items() if k.endswith("/router_entropy")]
   out = {}
-  if drops:
-    out["drop_fraction"] = float(np.mean(drops))
-  if ent:
-    out["router_entropy"] = float(np.mean(ent))
+  for name in ("drop_fraction", "router_entropy", "experts_per_token"):
+    values = [v for k, v in flat.items() if k.endswith(f"/{name}")]
+    if values:
+      out[name] = float(np.mean(values))
   return out
 
 

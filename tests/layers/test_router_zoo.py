@@ -445,3 +445,53 @@ def test_thor_consistency_loss_matches_numpy():
   sym = (kl(p, q, logp[0], logp[1]) + kl(q, p, logp[1], logp[0])) / 2
   np.testing.assert_allclose(ce, np.mean(ces), rtol=1e-5)
   np.testing.assert_allclose(total, np.mean(ces) + 0.5 * sym, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- recurrent (RMoE)
+def np_gru(h, x, p):
+  f = h.shape[-1]
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  gx = x @ p["input_kernel"] + p["input_bias"]
+  gh = h @ p["recurrent_kernel"] + p["recurrent_bias"]
+  r, z = sig(gx[:, :f] + gh[:, :f]), sig(gx[:, f:2 * f] + gh[:, f:2 * f])
+  n = np.tanh(gx[:, 2 * f:] + r * gh[:, 2 * f:])
+  return (1 - z) * n + z * h
+
+
+def test_recurrent_router_threads_one_gru_through_layers():
+  from moejax.layers.routers import GRU
+  spec = MoESpec(**{**BASE, "router": "recurrent"})
+
+  class TwoLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x1, x2):
+      gru = GRU(6, name="gru")
+      y1, c1 = MoEBlock(spec, name="b1")(x1, router_state=(gru, None))
+      y2, c2 = MoEBlock(spec, name="b2")(x2, router_state=(gru, c1))
+      return y1, y2, c1, c2
+
+  x1, x2 = (jax.random.normal(jax.random.key(i), (2, 5, D)) for i in (5, 6))
+  model = TwoLayers()
+  params = nn.meta.unbox(model.init(jax.random.key(0), x1, x2)["params"])
+  for b in ("b1", "b2"):
+    params[b]["router"]["kernel"] = params[b]["router"]["kernel"] * 50
+  assert set(params) == {"gru", "b1", "b2"}                 # one GRU for both layers
+  y1, y2, c1, c2 = model.apply({"params": params}, x1, x2)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = np.zeros((10, 6))
+  for x, y, c, b in ((x1, y1, c1, "b1"), (x2, y2, c2, "b2")):
+    u = np.asarray(x, np.float64).reshape(-1, D)
+    h = np_gru(h, u @ p[b]["router"]["proj"], p["gru"])
+    np.testing.assert_allclose(c, h, rtol=1e-5, atol=1e-6)
+    logits = h @ p[b]["router"]["kernel"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    routes = []
+    for row in probs:
+      sel = np.argsort(-row, kind="stable")[:2]
+      routes.append({int(i): row[i] / row[sel].sum() for i in sel})
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), np_block(u, p[b], routes),
+                               rtol=2e-4, atol=2e-5)
+  # the second layer's routing depends on the first layer's input through the GRU
+  grad = jax.grad(lambda a: jnp.sum(model.apply({"params": params}, a, x2)[3]))(x1)
+  assert float(jnp.abs(grad).sum()) > 0

@@ -20,6 +20,7 @@ ROUTER_CONFIGS = {
     "expert_choice": {"model.moe.router": "expert_choice"},
     "expert_race": {"model.moe.router": "expert_race", "model.moe.similarity_loss_weight": 0.01},
     "hash": {"model.moe.router": "hash"},
+    "recurrent": {"model.moe.router": "recurrent", "model.moe.recurrent_router_dim": 16},
 }
 
 

@@ -13,6 +13,7 @@ after the optimiser. A new router is a new file and a line in ``ROUTERS``.
 from moejax.layers.routers.batch_choice import ExpertChoiceRouter, ExpertRaceRouter
 from moejax.layers.routers.hash import HashRouter
 from moejax.layers.routers.result import RoutingResult, router_logits  # noqa: F401
+from moejax.layers.routers.recurrent import GRU, RecurrentRouter
 from moejax.layers.routers.sigmoid import SigmoidRouter
 from moejax.layers.routers.stochastic import StochasticRouter
 from moejax.layers.routers.top_p import TopPRouter
@@ -27,4 +28,5 @@ ROUTERS = {
     "expert_race": ExpertRaceRouter,
     "hash": HashRouter,
     "stochastic": StochasticRouter,
+    "recurrent": RecurrentRouter,
 }

@@ -52,11 +52,13 @@ class RoutingResult:
     return jnp.where(self.expert_index < self.num_real_experts, self.expert_index, -1)
 
 
-def router_logits(module: nn.Module, x: Array, num_experts: int) -> Array:
+def router_logits(module: nn.Module, x: Array, num_experts: int,
+                  in_axis: str | None = "embed") -> Array:
   """x [T, D] @ W_r [D, E] in float32 (top-k is sensitive to small differences bf16 rounds
-  away); W_r is the module's ``kernel``, sharded like the other expert-indexed weights."""
+  away); W_r is the module's ``kernel``, sharded like the other expert-indexed weights
+  (``in_axis``: the logical axis of D; None when x is not in the model width)."""
   kernel = module.param(
       "kernel",
-      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed", "expert")),
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (in_axis, "expert")),
       (x.shape[-1], num_experts), jnp.float32)
   return x.astype(jnp.float32) @ kernel
