@@ -495,3 +495,23 @@ def test_recurrent_router_threads_one_gru_through_layers():
   # the second layer's routing depends on the first layer's input through the GRU
   grad = jax.grad(lambda a: jnp.sum(model.apply({"params": params}, a, x2)[3]))(x1)
   assert float(jnp.abs(grad).sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["sigmoid_groups", "top_p", "null_experts"])
+def test_routers_with_the_capacity_planner(name):
+  """With room for every slot the capacity planner computes what the dropless one does; with
+  little room it drops and says so (null and unused slots are never counted as drops)."""
+  spec = MoESpec(**{**BASE, **ROUTER_SPECS[name]})
+  x = jax.random.normal(jax.random.key(7), (2, 12, D))
+  block, params = _block(spec, x)
+  want = block.apply({"params": params}, x)
+  roomy = MoEBlock(dataclasses.replace(spec, dispatch="capacity", capacity_factor=100.0))
+  np.testing.assert_allclose(roomy.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+  tight = MoEBlock(dataclasses.replace(spec, dispatch="capacity", capacity_factor=0.3))
+  _, state = tight.apply({"params": params}, x, mutable=["intermediates"])
+  inter = state["intermediates"]
+  dropped, frac = int(inter["num_dropped"][0]), float(inter["drop_fraction"][0])
+  assert dropped > 0 and 0 < frac < 1
+  computed = dropped / frac                       # routed slots that reach a real expert
+  np.testing.assert_allclose(float(inter["experts_per_token"][0]) * 24, computed - dropped,
+                             rtol=1e-5)
