@@ -8,7 +8,8 @@ from __future__ import annotations
 from moejax import api
 from moejax import config as config_lib
 
-SIZES = {"small": {"model.d_model": 64, "model.head_dim": 16}, "base": {}}
+SIZES = {"tiny": {"model.d_model": 32, "model.head_dim": 8},
+         "small": {"model.d_model": 64, "model.head_dim": 16}, "base": {}}
 FFN_KEYS = ("model.ffn_hidden", "model.moe.expert_hidden")
 # A tiny model and batches: smoke tests of the experiment scripts.
 QUICK = {"model.d_model": 32, "model.num_layers": 2, "model.head_dim": 8, "data.seq_len": 32,
