@@ -216,6 +216,7 @@ class Trainer:
     t = self.config.train
     tokens_per_step = self.config.data.batch_size * self.config.data.seq_len
     timer_start, timer_step, last = None, start, {}
+    paused = 0.0       # seconds spent in evaluations: not training throughput
     # [first non-finite step or -1, was its loss finite]: updated on the device every step,
     # read by the host only where it syncs anyway (log lines, evals, saves), so no extra sync.
     bad = jnp.array([-1, 1], jnp.int32)
@@ -238,11 +239,13 @@ class Trainer:
         if log_now or eval_now or save_now:     # the host syncs here anyway
           self._check_finite(bad, metrics)
         if log_now:
-          elapsed = time.perf_counter() - timer_start
+          elapsed = time.perf_counter() - timer_start - paused
           rate = (done - timer_step) / elapsed if done > timer_step and elapsed > 0 else None
           last = self._log_train(done, metrics, rate, tokens_per_step, writer, bar, log)
         if eval_now:
+          t_eval = time.perf_counter()
           ev = self.evaluate()
+          paused += time.perf_counter() - t_eval
           self._record(writer, done, {"split": "val", **ev})
           log(f"eval  {done:>5} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.3f}")
         if save_now and self.ckpt is not None:
