@@ -38,6 +38,7 @@ _SIZE = flags.DEFINE_string("size", "small", "Model size (moejax/experiment/setu
 _WEIGHT = flags.DEFINE_float("weight", 0.01, "Balance loss weight (model.moe.load_balance_weight).")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_balance", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_balance", "Run directories (resumable).")
+_ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
 
 SEQUENCES = 16   # validation sequences for the within-sequence load
@@ -68,7 +69,7 @@ def main(argv):
       quick=_QUICK.value, overrides={**o, "model.moe.load_balance_weight": _WEIGHT.value})
       for name, o in scopes.items()}
   study = Study(configs, [int(s) for s in _SEEDS.value], _WORK.value, collect=sequence_imbalance)
-  result = study.run()
+  result = study.run(estimate=_ESTIMATE.value)
   metrics = ["val_loss", "load_max_over_mean", "seq_load_max_over_mean", "router_entropy"]
   text = "\n".join([
       f"deepseekmoe, size {_SIZE.value}, balance weight {_WEIGHT.value}, {_STEPS.value} steps, "

@@ -33,6 +33,7 @@ _SIZE = flags.DEFINE_string("size", "small", "Model size (moejax/experiment/setu
 _ROUTERS = flags.DEFINE_list("routers", None, "Subset of ROUTERS (default: all).")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routers", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_routers", "Run directories (resumable).")
+_ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
 
 P = "model.moe."
@@ -76,7 +77,8 @@ def main(argv):
   configs = {n: setups.experiment_config(
       "gshard", size=_SIZE.value, steps=_STEPS.value, data_path=_DATA.value, quick=_QUICK.value,
       overrides={P + "dispatch": "dropless", **ROUTERS[n]}) for n in names}
-  result = Study(configs, [int(s) for s in _SEEDS.value], _WORK.value).run()
+  study = Study(configs, [int(s) for s in _SEEDS.value], _WORK.value)
+  result = study.run(estimate=_ESTIMATE.value)
   pairs = [(n, names[0]) for n in names[1:]]
   text = "\n".join([
       f"gshard layout, size {_SIZE.value}, {_STEPS.value} steps, seeds {result.seeds}", "",

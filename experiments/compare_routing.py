@@ -39,6 +39,7 @@ _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routing", "Ou
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_routing",
                             "Run directories (kept: re-running resumes).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
+_ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
 _ESTIMATE_ONLY = flags.DEFINE_bool("estimate_only", False, "Print the time estimate and stop.")
 
 def make_config(name: str, size: str):
@@ -122,7 +123,7 @@ def main(argv):
                                   for c, n in est.pending.items())
           + f"; total {est.total / 60:.1f} min")
     return
-  results = {size: study.run() for size, study in studies.items()}
+  results = {size: study.run(estimate=_ESTIMATE.value) for size, study in studies.items()}
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "results.json"), "w") as f:
     json.dump({size: r.to_json() for size, r in results.items()}, f)

@@ -168,7 +168,7 @@ ROUTERS_CMD = "python experiments/compare_routers.py --data_path=../shared/data/
 @runs(ROUTERS_CMD)
 def test_compare_routers_command(tmp_path):
   out = _run(f"{ROUTERS_CMD} --quick --steps=4 --seeds=0 --routers=topk_softmax,sigmoid_v3,"
-             f"expert_choice --out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} "
+             f"expert_choice --noestimate --out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} "
              f"{_data_flag()}", ROOT)
   text = open(tmp_path / "out" / "results.md").read()
   assert "sigmoid_v3 vs topk_softmax" in text and "experts_per_token" in text, out
@@ -177,7 +177,7 @@ def test_compare_routers_command(tmp_path):
 @pytest.mark.slow
 @runs(BALANCE)
 def test_compare_balance_command(tmp_path):
-  out = _run(f"{BALANCE} --quick --steps=4 --seeds=0,1 --out_dir={tmp_path / 'out'} "
+  out = _run(f"{BALANCE} --quick --steps=4 --seeds=0,1 --noestimate --out_dir={tmp_path / 'out'} "
              f"--work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
   text = open(tmp_path / "out" / "results.md").read()
   assert "micro_batch vs global_batch" in text and "seq_load_max_over_mean" in text, out
