@@ -167,9 +167,9 @@ ROUTERS_CMD = "python experiments/compare_routers.py --data_path=../shared/data/
 @pytest.mark.slow
 @runs(ROUTERS_CMD)
 def test_compare_routers_command(tmp_path):
-  out = _run(f"{ROUTERS_CMD} --quick --steps=4 --seeds=0 --routers=topk_softmax,sigmoid_v3,"
-             f"expert_choice --noestimate --out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} "
-             f"{_data_flag()}", ROOT)
+  out = _run(f"{ROUTERS_CMD} --quick --steps=4 --seeds=0 --noestimate "
+             f"--routers=topk_softmax,sigmoid_v3,expert_choice --out_dir={tmp_path / 'out'} "
+             f"--work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
   text = open(tmp_path / "out" / "results.md").read()
   assert "sigmoid_v3 vs topk_softmax" in text and "experts_per_token" in text, out
 

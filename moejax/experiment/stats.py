@@ -103,7 +103,8 @@ def compare(a: str, b: str, a_values: Sequence[float], b_values: Sequence[float]
                     t_interval(d, confidence), confidence, wins, higher_is_better)
 
 
-def band(curves: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def band(curves: Sequence[Sequence[tuple[int, float]]]
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Mean and std across seeds of (step, value) curves, at the steps every curve has."""
   if not curves:
     raise ValueError("band: no curves")

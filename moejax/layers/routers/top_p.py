@@ -13,7 +13,8 @@ router's entropy (eq. 7), so tokens do not spread probability to use many expert
 
   L_d = -(1/T) sum_t sum_i P_{t,i} log P_{t,i}      (``entropy_loss_weight``; paper: 1e-4)
 
-and the usual load balance loss (the block's ``load_balance_weight``). Logged: ``experts_per_token``.
+and the usual load balance loss (the block's ``load_balance_weight``). Logged:
+``experts_per_token``.
 """
 from __future__ import annotations
 
