@@ -2,14 +2,16 @@
 
 The bank only sees the dispatcher's layout (rows + ``group_sizes``), never tokens or routing,
 so variants of the weights (heterogeneous widths, ternary, LoRA, merged) are new banks with the
-same call signature. The compute is a pure function of the weights (``run_swiglu_experts``) so
-expert parallelism can run it on each device's slice of the bank.
+same call signature. The bank contract: ``weights()`` (a pytree), ``weight_specs()`` (their
+PartitionSpecs over the 'expert' mesh axis) and a pure ``run(weights, rows, group_sizes)``, so
+expert parallelism runs any bank on each device's slice without the layer knowing its weights.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from moejax.layers.dense import kernel_init, swiglu
 from moejax.ops.grouped_matmul import gmm
@@ -46,7 +48,13 @@ class SwiGLUExperts(nn.Module):
         kernel_init(1, 2, 0), ("expert", "mlp", "embed")), (e, h, d), jnp.float32)
 
   def weights(self):
+    """The pytree ``run`` takes (what expert parallelism hands each device a slice of)."""
     return self.wi, self.wo
+
+  def weight_specs(self):
+    """PartitionSpecs of ``weights()`` inside shard_map: the expert dimension over the mesh
+    axis 'expert' (a bank with other weights, packed or per-size, declares its own)."""
+    return P("expert"), P("expert")
 
   def run(self, weights, xs, group_sizes):
     return run_swiglu_experts(weights, xs, group_sizes, backend=self.gmm_backend, dtype=self.dtype)

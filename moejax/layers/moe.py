@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax.sharding import PartitionSpec as P
-
 from moejax.errors import ConfigError
 from moejax.layers import losses
 from moejax.layers.dense import SwiGLU
@@ -283,7 +281,7 @@ class MoEBlock(nn.Module):
     if ep > 1:
       y, num_dropped = expert_parallel_ffn(
           tokens, index, routing.weight, experts.weights(),
-          (P("expert"), P("expert")), experts.run, num_experts=s.num_routed,
+          experts.weight_specs(), experts.run, num_experts=s.num_routed,
           capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None,
           all_to_all=s.all_to_all, buffer_factor=s.ragged_buffer_factor)
     else:
