@@ -28,7 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file (train); eval/sample use the workdir's config.json and apply only "
     "the --config.* overrides.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Checkpoints, metrics and config.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "upcycle"],
+                          "What to do (upcycle: step 0 of an MoE from config.upcycle.source).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-host runs "
     "(or env MOEJAX_COORDINATOR_ADDRESS); unset on one host.")
@@ -97,6 +98,9 @@ def main(argv):
       result = trainer.train(_load_config(), workdir)
       if result["interrupted"]:
         sys.exit(130)
+      return
+    if mode == "upcycle":
+      trainer.upcycle_only(_load_config(), workdir)
       return
     overrides = config_flags.get_override_values(FLAGS["config"])
     if FLAGS["config"].present:

@@ -108,6 +108,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.max_steps_per_run = 0        # >0: stop (with a checkpoint) after this many steps; re-run
                                  # `train` to resume. For job time limits and preemption drills.
 
+  # Start an MoE from a trained dense model (moejax/train/upcycle.py); used when a run starts
+  # without a checkpoint. source: the dense run's workdir ("" = train from scratch).
+  c.upcycle = u = ml_collections.ConfigDict()
+  u.source = ""
+  u.method = "copy"              # copy (sparse upcycling) | drop (Drop-Upcycling) | split
+  u.drop_fraction = 0.5          # drop: share of each expert's hidden units re-initialised
+
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "The "
   s.num_tokens = 200
@@ -179,6 +186,12 @@ def _positive(c, prefix: str, *names: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every rule before any compute; returns the config for chaining."""
   m, e, d, t = config.model, config.model.moe, config.data, config.train
+  u = config.upcycle
+  _one_of(u.method, "upcycle.method", ("copy", "drop", "split"))
+  _require(0 <= u.drop_fraction <= 1, "upcycle.drop_fraction",
+           f"must be in [0, 1], got {u.drop_fraction}")
+  _require(not u.source or moe_enabled(config), "upcycle.source",
+           "is set but the model is dense: set model.moe.num_experts (or routed_experts)")
   _positive(m, "model", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
             "head_dim", "ffn_hidden")
   _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",

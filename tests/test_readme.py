@@ -113,6 +113,32 @@ def test_running_experiments_commands(tmp_path):
     shutil.rmtree(runs_dir, ignore_errors=True)
 
 
+UP_DENSE = "python run.py --config=configs/dense.py --workdir=runs/dense --mode=train"
+UP_MOE = ("python run.py --config=configs/gshard.py --workdir=runs/gshard_up --mode=upcycle "
+          "--config.upcycle.source=runs/dense --config.upcycle.method=split")
+UP_TRAIN = ("python run.py --config=configs/gshard.py --workdir=runs/gshard_up --mode=train "
+            "--config.upcycle.source=runs/dense --config.upcycle.method=split")
+
+
+@pytest.mark.slow
+@runs(UP_DENSE, UP_MOE, UP_TRAIN)
+def test_upcycling_commands():
+  dirs = [os.path.join(ROOT, "runs", n) for n in ("dense", "gshard_up")]
+  for d in dirs:
+    shutil.rmtree(d, ignore_errors=True)
+  try:
+    small = " ".join(SMALL + _data_override())
+    _run(f"{UP_DENSE} {small}", ROOT)
+    out = _run(f"{UP_MOE} {small}", ROOT)
+    assert "up-cycled from runs/dense (step 12, method split)" in out
+    assert "dense source | step 12" in out and "up-cycled (split) | step 0" in out
+    out = _run(f"{UP_TRAIN} {small}", ROOT)
+    assert "final | step 12" in out
+  finally:
+    for d in dirs:
+      shutil.rmtree(d, ignore_errors=True)
+
+
 EP_COMMAND = ("XLA_FLAGS=--xla_force_host_platform_device_count=8 python run.py "
               "--config=configs/gshard.py --workdir=runs/ep --config.mesh.data=2 "
               "--config.mesh.expert=4")

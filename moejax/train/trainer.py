@@ -30,6 +30,7 @@ from moejax.logs import progress as say
 from moejax.parallel.mesh import batch_axes_size, make_mesh
 from moejax.train import data as data_lib
 from moejax.train import metrics as metrics_lib
+from moejax.train import upcycle as upcycle_lib
 from moejax.train import workdir as workdir_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.optimizer import make_optimizer
@@ -124,14 +125,42 @@ class Trainer:
         if diffs:
           say(workdir_lib.describe_changes(diffs, workdir))
     self.model = build_model(config)
+    dense = None
+    if saved_step is None and config.upcycle.source:   # checked before any state is built
+      dense = self._upcycle_source(config)
     self.tx = make_optimizer(config.train)
     self.state, self.shardings, self.specs = init_state(self.model, config, self.tx, self.mesh)
+    if dense is not None:
+      self.state = self._upcycled(dense)
     self.ckpt = Checkpointer(workdir, config.train.keep_checkpoints) if workdir else None
     self.eval_step = make_eval_step(self.model, self.shardings, self.mesh)
     self._train_step = None
     self.history: list[dict] = []       # every record logged by this object
     if saved_step is not None:
       self.restore(saved_step)
+
+  def _upcycle_source(self, config):
+    """The dense run named by ``upcycle.source``, checked against this model (no compute)."""
+    src = config.upcycle.source
+    if workdir_lib.latest_checkpoint(src) is None or workdir_lib.load_config(src) is None:
+      raise ConfigError(f"config.upcycle.source={src}: not the workdir of a trained run "
+                        "(no checkpoint or no config.json)")
+    dense_config = workdir_lib.load_config(src)
+    upcycle_lib.check_source(dense_config, config)
+    upcycle_lib.check_fit(build_model(dense_config).cfg, self.model.cfg, config.upcycle.method)
+    return src
+
+  def _upcycled(self, src: str) -> dict:
+    dense = Trainer.from_workdir(src, mode="upcycle")
+    dense.close()
+    u = self.config.upcycle
+    params = upcycle_lib.upcycle_params(
+        dense.params, self.state["params"], self.model.cfg, u.method,
+        jax.random.fold_in(jax.random.key(self.config.seed), 2), u.drop_fraction)
+    params = jax.device_put(params, self.shardings["params"])
+    opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
+    say(f"up-cycled from {src} (step {dense.step}, method {u.method})")
+    return {"step": self.state["step"], "params": params, "opt_state": opt_state}
 
   @classmethod
   def from_workdir(cls, workdir: str, overrides: dict | None = None, *,
@@ -382,6 +411,30 @@ def train(config, workdir: str) -> dict:
   out["eval"], out["sample"] = ev, trainer.sample()
   say(f"sample (temperature {config.sample.temperature}):\n{out['sample']}")
   return out
+
+
+def upcycle_only(config, workdir: str) -> dict:
+  """``--mode=upcycle``: writes step 0 of a new MoE run up-cycled from ``upcycle.source`` and
+  evaluates it beside the dense model; ``--mode=train`` with the same workdir continues it."""
+  if not config.upcycle.source:
+    raise ConfigError("--mode=upcycle: set --config.upcycle.source=<dense run's workdir>")
+  if workdir_lib.latest_checkpoint(workdir) is not None:
+    raise ConfigError(f"--workdir={workdir}: already holds checkpoints; up-cycling writes step 0 "
+                      "of a new run: use an empty workdir")
+  trainer = Trainer(config, workdir)
+  logs.log_to_file(workdir, jax.process_index())
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir, config)
+  path = trainer.save()
+  trainer.close()
+  ev = trainer.evaluate()
+  dense = Trainer.from_workdir(config.upcycle.source, mode="upcycle")
+  dense.close()
+  dense_ev = dense.evaluate()
+  say(f"saved {path}")
+  say(_eval_line("dense source", dense.step, dense_ev))
+  say(_eval_line(f"up-cycled ({config.upcycle.method})", trainer.step, ev))
+  return {"eval": ev, "dense_eval": dense_ev}
 
 
 def _restored(workdir: str, overrides: dict | None, mode: str) -> Trainer:
