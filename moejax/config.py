@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.segments = 1                 # m, fine-grained segmentation (DeepSeekMoE)
   e.num_shared_experts = 0       # K_s, in fine-grained experts
   e.router = "topk_softmax"
+  e.expert_bank = "swiglu"       # routed experts: swiglu | ternary_swiglu (MoTE: {-1,0,1} x
+                                 # scale, 8-bit activations, straight-through training)
+  e.shared_trainable = True      # False: shared experts frozen (MoTE keeps the dense FFN)
   e.renormalize = True           # renormalise top-k gates to sum to 1
   e.jitter_eps = 0.0             # multiplicative input jitter (Switch)
   e.noise_std = 0.0              # Gaussian logit noise (noisy top-k)

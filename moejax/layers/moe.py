@@ -28,12 +28,17 @@ from moejax.layers import losses
 from moejax.layers.dense import SwiGLU
 from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
+from moejax.layers.ternary import TernarySwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
 from moejax.logs import log_once
 from moejax.ops.grouped_matmul import resolve_backend
 from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
 
 Array = jax.Array
+
+
+# Name -> expert bank (the routed experts' weights and compute; see layers/experts.py).
+EXPERT_BANKS = {"swiglu": SwiGLUExperts, "ternary_swiglu": TernarySwiGLUExperts}
 
 
 def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
@@ -62,6 +67,8 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
           f"got {v['num_shared_experts']}")
   require(v["router"] in ROUTERS, "router",
           f"got {v['router']!r}; allowed: {', '.join(map(repr, ROUTERS))}")
+  require(v["expert_bank"] in EXPERT_BANKS, "expert_bank",
+          f"got {v['expert_bank']!r}; allowed: {', '.join(map(repr, EXPERT_BANKS))}")
   require(v["dispatch"] in PLANNERS, "dispatch",
           f"got {v['dispatch']!r}; allowed: {', '.join(map(repr, PLANNERS))}")
   for name, allowed in (("expert_parallel", ("auto", "none")),
@@ -144,6 +151,8 @@ class MoESpec:
   segments: int = 1              # m: each expert split into m experts of d_ff/m; m*K active
   num_shared_experts: int = 0    # K_s, counted in fine-grained experts, always active
   router: str = "topk_softmax"
+  expert_bank: str = "swiglu"    # routed experts: "swiglu" | "ternary_swiglu" (MoTE)
+  shared_trainable: bool = True  # False: the shared experts are frozen (MoTE's default)
   renormalize: bool = True       # renormalise the selected gates to sum to 1
   jitter_eps: float = 0.0
   noise_std: float = 0.0
@@ -274,7 +283,8 @@ class MoEBlock(nn.Module):
     else:
       routing = router(x, deterministic=deterministic, **context)
     index = routing.dispatch_index      # null-expert slots are unused: never computed
-    experts = SwiGLUExperts(s.num_routed, x.shape[-1], s.fine_hidden, self.dtype, s.gmm_backend,
+    experts = EXPERT_BANKS[s.expert_bank](s.num_routed, x.shape[-1], s.fine_hidden, self.dtype,
+                                          s.gmm_backend,
                             name="experts")
     ep = expert_axis_size() if s.expert_parallel == "auto" else 1
     self._log_path(ep)

@@ -33,7 +33,7 @@ from moejax.train import metrics as metrics_lib
 from moejax.train import upcycle as upcycle_lib
 from moejax.train import workdir as workdir_lib
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.optimizer import make_optimizer
+from moejax.train.optimizer import frozen_mask, make_optimizer
 from moejax.train.sampling import sample
 # The functional core, re-exported: tests, benchmarks and users build steps from these.
 from moejax.train.steps import (build_model, evaluate, init_params, init_state,  # noqa: F401
@@ -128,7 +128,7 @@ class Trainer:
     dense = None
     if saved_step is None and config.upcycle.source:   # checked before any state is built
       dense = self._upcycle_source(config)
-    self.tx = make_optimizer(config.train)
+    self.tx = make_optimizer(config.train, frozen_mask(self.model.cfg))
     self.state, self.shardings, self.specs = init_state(self.model, config, self.tx, self.mesh)
     if dense is not None:
       self.state = self._upcycled(dense)

@@ -13,7 +13,7 @@ V3 = {"model.moe.router": "sigmoid", "model.moe.renormalize": True,
       "model.moe.bias_update_rate": 0.01, "model.moe.routed_scaling_factor": 2.5,
       "model.moe.num_expert_groups": 4, "model.moe.groups_per_token": 2,
       "model.moe.sequence_balance_weight": 1e-4}
-ROUTER_CONFIGS = {
+VARIANTS = {
     "sigmoid": V3,
     "top_p": {"model.moe.router": "top_p", "model.moe.top_p": 0.5,
               "model.moe.entropy_loss_weight": 1e-3},
@@ -21,6 +21,7 @@ ROUTER_CONFIGS = {
     "expert_race": {"model.moe.router": "expert_race", "model.moe.similarity_loss_weight": 0.01},
     "hash": {"model.moe.router": "hash"},
     "recurrent": {"model.moe.router": "recurrent", "model.moe.recurrent_router_dim": 16},
+    "ternary_experts": {"model.moe.expert_bank": "ternary_swiglu"},
 }
 
 
@@ -67,12 +68,12 @@ def test_resume_reproduces_the_bias_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
-def test_expert_parallel_training_equals_one_device(router):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_expert_parallel_training_equals_one_device(variant):
   """Two steps on 8 devices (data 2 x expert 4: experts and tokens exchanged by all-to-all)
   equal two steps on one device: parameters, router state and losses."""
-  one = Trainer(_config(ROUTER_CONFIGS[router], **{"data.batch_size": 8}))
-  many = Trainer(_config(ROUTER_CONFIGS[router], **{
+  one = Trainer(_config(VARIANTS[variant], **{"data.batch_size": 8}))
+  many = Trainer(_config(VARIANTS[variant], **{
       "data.batch_size": 8, "mesh.num_devices": -1, "mesh.data": 2, "mesh.expert": 4}))
   assert dict(many.mesh.shape)["expert"] == 4
   r1, r8 = one.train(steps=2, progress=None), many.train(steps=2, progress=None)

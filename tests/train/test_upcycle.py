@@ -97,3 +97,32 @@ def test_shapes_that_cannot_fit_name_the_setting(dense_run, tmp_path):
     Trainer(_moe_config(src, **{"upcycle.method": "clone"}))
   with pytest.raises(ConfigError, match="upcycle.source: is set but the model is dense"):
     Trainer(config_lib.apply_overrides(tiny_config("dense"), {"upcycle.source": src}))
+
+
+MOTE = {"model.moe.num_experts": 5, "model.moe.top_k": 2, "model.moe.expert_hidden": 64,
+        "model.moe.num_shared_experts": 1, "model.moe.expert_bank": "ternary_swiglu",
+        "model.moe.shared_trainable": False, "model.moe.renormalize": False}
+
+
+def test_mote_form_equals_dense_with_routed_experts_off_and_keeps_shared_frozen(dense_run):
+  src, dense = dense_run
+  mote = Trainer(config_lib.apply_overrides(tiny_config("dense"),
+                                            {**MOTE, "upcycle.source": src}))
+  for layer in ("layer_0", "layer_1"):
+    np.testing.assert_array_equal(mote.params[layer]["moe"]["shared"]["wi"],
+                                  dense.params[layer]["ffn"]["wi"])
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  off = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 0 if "'experts'" in jax.tree_util.keystr(p) else x, mote.params)
+  np.testing.assert_allclose(moejax.forward(mote.model, off, tokens).logits,
+                             moejax.forward(dense.model, dense.params, tokens).logits,
+                             rtol=1e-5, atol=1e-5)
+  before = jax.device_get(mote.params)
+  mote.train(steps=2, progress=None)
+  after = jax.device_get(mote.params)
+  for layer in ("layer_0", "layer_1"):
+    for name in ("wi", "wo"):
+      np.testing.assert_array_equal(after[layer]["moe"]["shared"][name],
+                                    before[layer]["moe"]["shared"][name])     # frozen
+    assert not np.array_equal(after[layer]["moe"]["experts"]["wi"],
+                              before[layer]["moe"]["experts"]["wi"])          # trained

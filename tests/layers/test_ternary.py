@@ -1,0 +1,95 @@
+"""Ternary experts: quantisers, straight-through gradients and 2-bit packing against NumPy; the
+ternary bank against a per-expert loop of quantised SwiGLU FFNs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.layers import ternary
+
+
+def np_ternary(w, axes):
+  scale = np.maximum(np.abs(w).mean(axis=axes, keepdims=True), 1e-8)
+  return np.clip(np.round(w / scale), -1, 1), scale
+
+
+def dequant(w, axes):
+  codes, scale = np_ternary(w.astype(np.float64), axes)
+  return codes * scale
+
+
+def np_act(x):
+  s = 127 / np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8)
+  return np.clip(np.round(x * s), -128, 127) / s
+
+
+def test_weight_and_activation_quantisers_match_numpy():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(3, 6, 2, 5)).astype(np.float32)
+  codes, scale = ternary.ternary_values(jnp.asarray(w), ternary.WI_AXES)
+  want_codes, want_scale = np_ternary(w.astype(np.float64), ternary.WI_AXES)
+  np.testing.assert_array_equal(codes, want_codes)
+  np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
+  assert scale.shape == (3, 1, 2, 1)          # one scale per expert's gate and up matrix
+  np.testing.assert_allclose(ternary.quantize_weights(jnp.asarray(w), ternary.WI_AXES),
+                             want_codes * want_scale, rtol=1e-6)
+  x = rng.normal(size=(7, 9)).astype(np.float32)
+  np.testing.assert_allclose(ternary.quantize_activations(jnp.asarray(x)),
+                             np_act(x.astype(np.float64)), rtol=1e-5, atol=1e-7)
+
+
+def test_straight_through_gradients_are_the_identity():
+  w = jax.random.normal(jax.random.key(0), (2, 4, 3))
+  g = jax.grad(lambda w: jnp.sum(ternary.quantize_weights(w, (1, 2)) * jnp.arange(3.0)))(w)
+  np.testing.assert_allclose(g, jnp.broadcast_to(jnp.arange(3.0), w.shape))
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  g = jax.grad(lambda x: jnp.sum(ternary.quantize_activations(x) ** 2))(x)
+  np.testing.assert_allclose(g, 2 * ternary.quantize_activations(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (4,), (7,), (3, 13), (2, 2, 8)])
+@pytest.mark.parametrize("fill", ["random", "zeros", "ones", "minus_ones"])
+def test_two_bit_packing_round_trips(shape, fill):
+  rng = np.random.default_rng(1)
+  codes = {"random": rng.integers(-1, 2, size=shape), "zeros": np.zeros(shape, int),
+           "ones": np.ones(shape, int), "minus_ones": -np.ones(shape, int)}[fill]
+  packed = ternary.pack_ternary(codes)
+  assert packed.dtype == np.uint8 and packed.shape == shape[:-1] + (-(-shape[-1] // 4),)
+  np.testing.assert_array_equal(ternary.unpack_ternary(jnp.asarray(packed), shape[-1]), codes)
+  if shape[-1] == 0:
+    return
+  # the byte layout itself: value j of a byte in bits 2j..2j+1 as value + 1
+  flat = np.concatenate([codes.reshape(-1, shape[-1]),
+                         np.zeros((int(np.prod(shape[:-1])), (-shape[-1]) % 4), int)], -1) + 1
+  want = (flat.reshape(len(flat), -1, 4) * (4 ** np.arange(4))).sum(-1).reshape(packed.shape)
+  np.testing.assert_array_equal(packed, want)
+  with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+    ternary.pack_ternary(np.array([2]))
+
+
+def test_ternary_bank_equals_a_loop_of_quantised_ffns_and_its_packed_form():
+  rng = np.random.default_rng(2)
+  e, d, h = 3, 8, 12
+  wi = rng.normal(size=(e, d, 2, h)).astype(np.float32)
+  wo = rng.normal(size=(e, h, d)).astype(np.float32)
+  sizes = np.array([4, 0, 5], np.int32)                         # an expert with no rows
+  xs = rng.normal(size=(9, d)).astype(np.float32)
+  got = ternary.run_ternary_experts((jnp.asarray(wi), jnp.asarray(wo)), jnp.asarray(xs),
+                                    jnp.asarray(sizes), backend="reference")
+  want = np.zeros((9, d))
+  start = 0
+  for i, n in enumerate(sizes):
+    qi = dequant(wi[i:i + 1], ternary.WI_AXES)[0]
+    qo = dequant(wo[i:i + 1], ternary.WO_AXES)[0]
+    u = np_act(xs[start:start + n].astype(np.float64))
+    g, up = u @ qi[:, 0], u @ qi[:, 1]
+    a = np_act(g / (1 + np.exp(-g)) * up)
+    want[start:start + n] = a @ qo
+    start += n
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # the packed storage form holds the same quantised weights
+  packed = ternary.pack_bank(wi, wo)
+  assert packed["wi"]["packed"].nbytes * 16 <= wi.nbytes + 16 * 4 * e
+  for name, w, axes in (("wi", wi, ternary.WI_AXES), ("wo", wo, ternary.WO_AXES)):
+    np.testing.assert_allclose(ternary.unpacked_weight(packed[name]),
+                               dequant(w, axes), rtol=1e-6)
