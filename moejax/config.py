@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.recurrent_router_dim = 0     # recurrent (RMoE): GRU width shared by layers; 0 = d_model
   e.expert_choice_eval = "threshold"   # expert_choice/expert_race at eval: causal threshold |
                                        # batch (the non-causal training form)
+  e.merge = "none"               # soft merging instead of routing: none | sequence (SMEAR,
+                                 # not causal) | causal_segments (Lory)
+  e.merge_segment = 64           # causal_segments: tokens per segment (divides data.seq_len)
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 
@@ -218,6 +221,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     else:
       check_moe_fields(e, key=lambda n: f"config.model.moe.{n}", ref=lambda n: f"model.moe.{n}")
     _positive(e, "model.moe", "moe_every")
+    _require(e.merge != "causal_segments" or d.seq_len % e.merge_segment == 0,
+             "model.moe.merge_segment", f"must divide data.seq_len={d.seq_len} (segments of "
+             f"equal length), got {e.merge_segment}")
     _one_of(e.gmm_backend, "model.moe.gmm_backend", gmm_backends())
     _require(d.batch_size % e.balance_micro_batches == 0, "model.moe.balance_micro_batches",
              f"must be a positive divisor of data.batch_size={d.batch_size}, "

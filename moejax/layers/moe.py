@@ -111,6 +111,14 @@ def _check_router_fields(v, require, ref, routed: int) -> None:
     require(v[name] == default or router in owners, name,
             f"is read only by {ref('router')}={' or '.join(map(repr, owners))} (here "
             f"{router!r}); leave it at {default!r} or use that router")
+  require(v["merge"] in ("none", "sequence", "causal_segments"), "merge",
+          f"got {v['merge']!r}; allowed: 'none', 'sequence', 'causal_segments'")
+  require(v["merge_segment"] > 0, "merge_segment", f"must be > 0, got {v['merge_segment']}")
+  if v["merge"] != "none":
+    require(router == "topk_softmax" and v["expert_bank"] == "swiglu", "merge",
+            f"={v['merge']!r} merges the experts with its own softmax over all of them: it "
+            f"needs {ref('router')}='topk_softmax' (got {router!r}) and "
+            f"{ref('expert_bank')}='swiglu' (got {v['expert_bank']!r})")
   for name, allowed in (("group_mask_fill", ("neg_inf", "zero")),
                         ("group_routing", ("limited", "balanced")),
                         ("expert_choice_eval", ("threshold", "batch"))):
@@ -191,6 +199,10 @@ class MoESpec:
   consistency_loss_weight: float = 0.0  # stochastic (THOR): two passes + symmetric KL
   recurrent_router_dim: int = 0         # recurrent (RMoE): GRU width; 0 = d_model
   expert_choice_eval: str = "threshold"   # expert_choice/race: causal "threshold" | "batch"
+  # Soft merging instead of routing (layers/merging.py): "none" | "sequence" (SMEAR) |
+  # "causal_segments" (Lory, segments of merge_segment tokens).
+  merge: str = "none"
+  merge_segment: int = 64
 
   def __post_init__(self):
     check_moe_fields(self.__dict__)

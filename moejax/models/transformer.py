@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from moejax.layers.attention import Attention
 from moejax.layers.dense import SwiGLU, kernel_init
+from moejax.layers.merging import SoftMergeBlock
 from moejax.layers.moe import MoEBlock, MoESpec
 from moejax.layers.norms import RMSNorm
 from moejax.layers.routers import GRU, ROUTERS
@@ -73,8 +74,9 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
-      y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
-                                          router_state=router_state)
+      block = MoEBlock if c.moe.merge == "none" else SoftMergeBlock
+      y = block(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
+                                       router_state=router_state)
       if router_state is not None:
         y, carry = y
     else:

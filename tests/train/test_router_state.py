@@ -22,6 +22,7 @@ VARIANTS = {
     "hash": {"model.moe.router": "hash"},
     "recurrent": {"model.moe.router": "recurrent", "model.moe.recurrent_router_dim": 16},
     "ternary_experts": {"model.moe.expert_bank": "ternary_swiglu"},
+    "lory": {"model.moe.merge": "causal_segments", "model.moe.merge_segment": 4},
 }
 
 
@@ -69,7 +70,7 @@ def test_resume_reproduces_the_bias_exactly(tmp_path):
 
 # Expert Race and hash routing take the same path as expert choice and top-k (routing on the
 # global batch before the all-to-all); they passed too, and stay out of the suite's time budget.
-EP_CASES = ["sigmoid", "top_p", "expert_choice", "recurrent", "ternary_experts"]
+EP_CASES = ["sigmoid", "top_p", "expert_choice", "recurrent", "ternary_experts", "lory"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,99 @@
+"""Soft merging of experts: the router's probabilities average the experts' *parameters* and
+one merged expert runs (no discrete routing, fully differentiable).
+
+SMEAR (Muqeeth et al. 2023, arXiv 2306.03745), per example (``merge="sequence"``):
+
+  p_b = softmax(W_r mean_t u_{b,t})            router on the mean of the sequence's layer input
+  W-bar_b = sum_i p_{b,i} W_i                  for every expert weight (gate/up and down)
+  y_{b,t} = FFN(u_{b,t}; W-bar_b)
+
+Not causal: position t's merged expert depends on the whole sequence. Lory (Zhong et al. 2024,
+arXiv 2405.03133) makes it causal for language modelling (``merge="causal_segments"``): the
+sequence is cut into segments of ``merge_segment`` tokens and segment s uses the weights routed
+from the mean of segment s-1; segment 0, which has no past, uses the uniform average (our
+choice: Lory's first segment is a detail to check). Changing token t then changes only its own
+output and the segments after its segment (tested). Decoding with the re-forward sampler is
+consistent with training; routing once on the prompt, as Lory does at inference, is a
+possible optimisation not implemented here.
+
+The merge is one contraction per layer (einsum over experts of [.., E] x [E, D, 2, H]), costing
+E x the expert's parameters per example or segment; it runs wherever the expert weights live
+(sharded over 'expert', XLA reduces across it). Shared experts add as in the routed block.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.layers.dense import SwiGLU, swiglu
+from moejax.layers.experts import SwiGLUExperts
+from moejax.layers.routers import router_logits
+
+Array = jax.Array
+
+
+def sequence_merge_probs(logits_fn, x: Array) -> Array:
+  """SMEAR: [B, L, D] -> [B, 1, E], routed on the mean over the sequence."""
+  return jax.nn.softmax(logits_fn(jnp.mean(x, axis=1, keepdims=True)), axis=-1)
+
+
+def segment_merge_probs(logits_fn, x: Array, segment: int, num_experts: int) -> Array:
+  """Lory: [B, L, D] -> [B, S, E] for S = L / segment segments; segment s is routed on the mean
+  of segment s-1, segment 0 gets the uniform average."""
+  b, l, d = x.shape
+  means = jnp.mean(x.reshape(b, l // segment, segment, d), axis=2)          # [B, S, D]
+  probs = jax.nn.softmax(logits_fn(means[:, :-1]), axis=-1)                 # from s-1
+  uniform = jnp.full((b, 1, num_experts), 1.0 / num_experts, probs.dtype)
+  return jnp.concatenate([uniform, probs], axis=1)
+
+
+def merged_swiglu(x: Array, probs: Array, wi: Array, wo: Array, dtype=jnp.float32) -> Array:
+  """x [B, S, G, D] (S merge groups of G tokens), probs [B, S, E] -> [B, S, G, D]."""
+  wi_m = jnp.einsum("bse,edch->bsdch", probs.astype(dtype), wi.astype(dtype))   # one contraction
+  wo_m = jnp.einsum("bse,ehd->bshd", probs.astype(dtype), wo.astype(dtype))
+  h = jnp.einsum("bsgd,bsdch->bsgch", x.astype(dtype), wi_m)
+  return jnp.einsum("bsgh,bshd->bsgd", swiglu(h), wo_m)
+
+
+class SoftMergeBlock(nn.Module):
+  """Drop-in for ``MoEBlock`` (same parameter names: router/kernel, experts/wi|wo, shared) with
+  the experts merged instead of routed (``spec.merge``)."""
+  spec: object
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True, token_ids=None,
+               router_state=None) -> Array:
+    del deterministic, token_ids, router_state
+    s = self.spec
+    b, l, d = x.shape
+    router = _Router(s.num_routed, name="router")
+    if s.merge == "sequence":
+      probs, groups = sequence_merge_probs(router, x), x[:, None]
+    else:
+      if l % s.merge_segment:
+        raise ValueError(f"merge='causal_segments': the sequence length {l} must be a multiple "
+                         f"of merge_segment={s.merge_segment}")
+      probs = segment_merge_probs(router, x, s.merge_segment, s.num_routed)
+      groups = x.reshape(b, l // s.merge_segment, s.merge_segment, d)
+    bank = SwiGLUExperts(s.num_routed, d, s.fine_hidden, self.dtype, name="experts")
+    wi, wo = bank.weights()
+    y = merged_swiglu(groups, probs, wi, wo, self.dtype).reshape(x.shape)
+    if s.num_shared_experts:
+      y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(x)
+    p = probs.reshape(-1, s.num_routed)
+    self.sow("intermediates", "expert_load", jnp.mean(p, axis=0))   # soft load
+    self.sow("intermediates", "router_entropy",
+             jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)))
+    return y.astype(self.dtype)
+
+
+class _Router(nn.Module):
+  num_experts: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    lead = x.shape[:-1]
+    return router_logits(self, x.reshape(-1, x.shape[-1]), self.num_experts).reshape(
+        *lead, self.num_experts)
