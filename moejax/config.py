@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.merge = "none"               # soft merging instead of routing: none | sequence (SMEAR,
                                  # not causal) | causal_segments (Lory)
   e.merge_segment = 64           # causal_segments: tokens per segment (divides data.seq_len)
+  e.iterations = 1               # Chain-of-Experts: routed iterations in one layer, residual
+                                 # between them, experts shared, a router each
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 

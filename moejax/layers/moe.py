@@ -114,6 +114,11 @@ def _check_router_fields(v, require, ref, routed: int) -> None:
   require(v["merge"] in ("none", "sequence", "causal_segments"), "merge",
           f"got {v['merge']!r}; allowed: 'none', 'sequence', 'causal_segments'")
   require(v["merge_segment"] > 0, "merge_segment", f"must be > 0, got {v['merge_segment']}")
+  require(v["iterations"] >= 1, "iterations", f"must be >= 1, got {v['iterations']}")
+  require(v["iterations"] == 1 or (router != "recurrent" and v["merge"] == "none"), "iterations",
+          f"Chain-of-Experts iterations={v['iterations']} cannot combine with "
+          f"{ref('router')}='recurrent' or {ref('merge')} (got router={router!r}, "
+          f"merge={v['merge']!r})")
   if v["merge"] != "none":
     require(router == "topk_softmax" and v["expert_bank"] == "swiglu", "merge",
             f"={v['merge']!r} merges the experts with its own softmax over all of them: it "
@@ -203,6 +208,7 @@ class MoESpec:
   # "causal_segments" (Lory, segments of merge_segment tokens).
   merge: str = "none"
   merge_segment: int = 64
+  iterations: int = 1            # Chain-of-Experts: routed iterations inside the layer
 
   def __post_init__(self):
     check_moe_fields(self.__dict__)
@@ -283,39 +289,52 @@ class MoEBlock(nn.Module):
                router_state: tuple | None = None):
     """x [..., D] -> [..., D]. ``token_ids`` [...]: the input ids, for routers that route by
     them (hash). ``router_state=(gru, carry)``: for the recurrent router (RMoE), which then
-    returns (y, new carry). The transformer passes both."""
+    returns (y, new carry). The transformer passes both.
+
+    ``spec.iterations`` = C > 1 is Chain-of-Experts (Wang et al. 2025, arXiv 2506.18945):
+    h_0 = x, h_j = h_{j-1} + MoE_j(h_{j-1}) with a router per iteration and the experts (and
+    shared experts) shared; the block returns h_C - x, so the transformer's residual gives h_C.
+    C = 1 is the plain layer."""
     s = self.spec
-    tokens = x.reshape(-1, x.shape[-1])
-    router = ROUTERS[s.router].from_spec(s, name="router")
-    recurrent = getattr(router, "recurrent", False)
-    context = {"token_ids": token_ids} if getattr(router, "needs_token_ids", False) else {}
-    if recurrent:
-      gru, carry = router_state if router_state is not None else (None, None)
-      routing, carry = router(x, deterministic=deterministic, gru=gru, carry=carry)
-    else:
-      routing = router(x, deterministic=deterministic, **context)
-    index = routing.dispatch_index      # null-expert slots are unused: never computed
     experts = EXPERT_BANKS[s.expert_bank](s.num_routed, x.shape[-1], s.fine_hidden, self.dtype,
-                                          s.gmm_backend,
-                            name="experts")
+                                          s.gmm_backend, name="experts")
+    shared = SwiGLU(s.shared_hidden, self.dtype, name="shared") if s.num_shared_experts else None
     ep = expert_axis_size() if s.expert_parallel == "auto" else 1
     self._log_path(ep)
+    carry = router_state[1] if router_state is not None else None
+    h, out = x, None
+    for j in range(s.iterations):
+      router = ROUTERS[s.router].from_spec(s, name="router" if j == 0 else f"router_{j}")
+      if getattr(router, "recurrent", False):
+        routing, carry = router(h, deterministic=deterministic,
+                                gru=router_state[0] if router_state else None, carry=carry)
+      elif getattr(router, "needs_token_ids", False):
+        routing = router(h, deterministic=deterministic, token_ids=token_ids)
+      else:
+        routing = router(h, deterministic=deterministic)
+      y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep)
+      if shared is not None:
+        y = y + shared(h.reshape(-1, x.shape[-1]))
+      self._record(routing, num_dropped)
+      y = y.reshape(x.shape).astype(self.dtype)
+      out = y if out is None else out + y
+      h = h + y
+    return (out, carry) if router_state is not None else out
+
+  def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int):
+    """Routed experts' output [T, D] and the dropped-slot count, on one device or
+    expert-parallel. Null-expert and unused slots are never computed."""
+    s, index = self.spec, routing.dispatch_index
     if ep > 1:
-      y, num_dropped = expert_parallel_ffn(
-          tokens, index, routing.weight, experts.weights(),
-          experts.weight_specs(), experts.run, num_experts=s.num_routed,
+      return expert_parallel_ffn(
+          tokens, index, routing.weight, experts.weights(), experts.weight_specs(), experts.run,
+          num_experts=s.num_routed,
           capacity_factor=s.capacity_factor if s.dispatch == "capacity" else None,
           all_to_all=s.all_to_all, buffer_factor=s.ragged_buffer_factor)
-    else:
-      plan = PLANNERS[s.dispatch](index, s.num_routed,
-                                  capacity_factor=s.capacity_factor, align=s.row_align)
-      y = combine(experts(dispatch(tokens, plan), plan.group_sizes), plan, routing.weight)
-      num_dropped = plan.num_dropped
-    if s.num_shared_experts:
-      y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(tokens)
-    self._record(routing, num_dropped)
-    y = y.reshape(x.shape).astype(self.dtype)
-    return (y, carry) if recurrent else y
+    plan = PLANNERS[s.dispatch](index, s.num_routed, capacity_factor=s.capacity_factor,
+                                align=s.row_align)
+    return combine(experts(dispatch(tokens, plan), plan.group_sizes), plan,
+                   routing.weight), plan.num_dropped
 
   def _log_path(self, ep: int) -> None:
     """Says once per layer kind which program the layer traced to (expert-parallel or not)."""

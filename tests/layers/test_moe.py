@@ -155,3 +155,22 @@ def test_moe_path_is_logged_once_per_layer_kind(caplog):
   lines = [r.getMessage() for r in caplog.records if "MoE layer" in r.getMessage()]
   assert lines == ["MoE layer (6 routed experts, top-2, dropless, 2 shared): single-device "
                    "dispatch (no 'expert' mesh axis in context), gmm backend xla"]
+
+
+def test_chain_of_experts_iterations():
+  """C = 2: y = MoE_0(x) + MoE_1(x + MoE_0(x)), one expert bank and shared expert, a router per
+  iteration; C = 1 is the plain layer (same parameters, same output)."""
+  spec2 = dataclasses.replace(SPEC, iterations=2)
+  x = jax.random.normal(jax.random.key(5), (2, 6, D))
+  block2 = MoEBlock(spec2)
+  params = nn.meta.unbox(block2.init(jax.random.key(0), x)["params"])
+  assert set(params) == {"router", "router_1", "experts", "shared"}
+  y2 = block2.apply({"params": params}, x)
+  u = np.asarray(x, np.float64).reshape(-1, D)
+  first = deepseekmoe_reference(u, params, SPEC)
+  second_params = dict(params, router=params["router_1"])
+  want = first + deepseekmoe_reference(u + first, second_params, SPEC)
+  np.testing.assert_allclose(np.asarray(y2).reshape(-1, D), want, rtol=1e-4, atol=1e-5)
+  one = {k: v for k, v in params.items() if k != "router_1"}      # C = 1: the plain layer
+  np.testing.assert_allclose(np.asarray(MoEBlock(SPEC).apply({"params": one}, x)).reshape(-1, D),
+                             first, rtol=1e-5, atol=1e-5)

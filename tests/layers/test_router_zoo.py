@@ -359,6 +359,8 @@ def test_balance_loss_counts_null_experts():
     (dict(router="expert_choice", dispatch="capacity"), "dispatch: .*no capacity to enforce"),
     (dict(similarity_loss_weight=0.1), "similarity_loss_weight: is read only by .*'expert_race'"),
     (dict(expert_choice_eval="batch"), "expert_choice_eval: .*'expert_choice' or 'expert_race'"),
+    (dict(iterations=0), "iterations: must be >= 1"),
+    (dict(iterations=2, router="recurrent"), "iterations=2 cannot combine with"),
     (dict(router="nope"), "router: got 'nope'; allowed: 'topk_softmax', 'sigmoid', 'top_p'"),
 ])
 def test_router_settings_are_validated(fields, message):
