@@ -32,6 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   m.norm_eps = 1e-6
   m.dtype = "float32"            # compute dtype; params stay float32
+  m.attention = "standard"       # standard | mixture_of_heads (MoH, moejax/layers/moh.py)
+  m.moh = h = ml_collections.ConfigDict()
+  h.shared_heads = 0             # always-on heads (the first ones)
+  h.active_heads = 2             # routed heads per token (top-K of num_heads - shared_heads)
+  h.gating = "code"              # code (released code: all-active uniform = standard attention)
+                                 # | paper (the paper's equations)
+  h.balance_weight = 0.01        # head load-balance loss weight (beta)
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0              # N; 0 = dense model
@@ -206,6 +213,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
+  _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads"))
+  if m.attention == "mixture_of_heads":
+    _one_of(m.moh.gating, "model.moh.gating", ("code", "paper"))
+    _require(0 <= m.moh.shared_heads < m.num_heads, "model.moh.shared_heads",
+             f"must be in [0, model.num_heads={m.num_heads}) so some heads are routed, "
+             f"got {m.moh.shared_heads}")
+    routed = m.num_heads - m.moh.shared_heads
+    _require(1 <= m.moh.active_heads <= routed, "model.moh.active_heads",
+             f"must be in [1, num_heads - shared_heads = {routed}], got {m.moh.active_heads}")
+    _require(m.moh.balance_weight >= 0, "model.moh.balance_weight",
+             f"must be >= 0, got {m.moh.balance_weight}")
 
   _require(e.num_experts >= 0, "model.moe.num_experts", f"must be >= 0, got {e.num_experts}")
   if e.routed_experts or e.active_experts:

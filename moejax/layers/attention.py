@@ -30,6 +30,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
+    out, wo = self.head_outputs(x, positions)
+    return jnp.einsum("blhk,hkd->bld", out, wo)
+
+  def head_outputs(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    """Per-head attention outputs [B, L, H, head_dim] and the output projection [H, dh, D]
+    (how they are combined is the caller's: a plain sum here, gated in mixture-of-heads)."""
     b, l, d = x.shape
     h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
     x = x.astype(self.dtype)
@@ -50,5 +56,4 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
-    out = nn.with_logical_constraint(out, heads)
-    return jnp.einsum("blhk,hkd->bld", out, wo)
+    return nn.with_logical_constraint(out, heads), wo

@@ -17,6 +17,7 @@ from moejax.layers.attention import Attention
 from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.merging import SoftMergeBlock
 from moejax.layers.moe import MoEBlock, MoESpec
+from moejax.layers.moh import MixtureOfHeadsAttention
 from moejax.layers.norms import RMSNorm
 from moejax.layers.routers import GRU, ROUTERS
 
@@ -38,6 +39,9 @@ class ModelConfig:
   moe: Optional[MoESpec] = None     # None: every layer dense
   moe_every: int = 1
   first_dense_layers: int = 0
+  # None: standard attention; else mixture-of-heads options (layers/moh.py):
+  # (shared_heads, active_heads, gating, balance_weight)
+  moh: Optional[tuple] = None
 
   def is_moe_layer(self, i: int) -> bool:
     return (self.moe is not None and i >= self.first_dense_layers
@@ -52,9 +56,14 @@ class ModelConfig:
     """Builds from the ``config.model`` ConfigDict (already validated)."""
     moe_cfg = model.moe
     moe = MoESpec.from_config(moe_cfg)
-    fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers",
+                                                          "moh"}
+    moh = None
+    if model.attention == "mixture_of_heads":
+      h = model.moh
+      moh = (h.shared_heads, h.active_heads, h.gating, h.balance_weight)
     return cls(moe=moe, moe_every=moe_cfg.moe_every,
-               first_dense_layers=moe_cfg.first_dense_layers,
+               first_dense_layers=moe_cfg.first_dense_layers, moh=moh,
                **{name: model[name] for name in fields})
 
 
@@ -69,8 +78,14 @@ class DecoderLayer(nn.Module):
     layers unchanged (None for other routers)."""
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
-    x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
-                      name="attn")(h, positions)
+    if c.moh is None:
+      attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, name="attn")
+    else:
+      shared, active, gating, weight = c.moh
+      attn = MixtureOfHeadsAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
+                                     shared_heads=shared, active_heads=active, gating=gating,
+                                     balance_weight=weight, name="attn")
+    x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):

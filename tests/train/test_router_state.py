@@ -23,7 +23,11 @@ VARIANTS = {
     "recurrent": {"model.moe.router": "recurrent", "model.moe.recurrent_router_dim": 16},
     "ternary_experts": {"model.moe.expert_bank": "ternary_swiglu"},
     "lory": {"model.moe.merge": "causal_segments", "model.moe.merge_segment": 4},
+    "mixture_of_heads": {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
+                         "model.moh.active_heads": 2},
 }
+# Mixture-of-heads shards its heads over 'tensor'; the others exchange experts over 'expert'.
+MESHES = {"mixture_of_heads": {"mesh.data": 4, "mesh.tensor": 2}}
 
 
 def _config(overrides, **extra):
@@ -70,7 +74,8 @@ def test_resume_reproduces_the_bias_exactly(tmp_path):
 
 # Expert Race and hash routing take the same path as expert choice and top-k (routing on the
 # global batch before the all-to-all); they passed too, and stay out of the suite's time budget.
-EP_CASES = ["sigmoid", "top_p", "expert_choice", "recurrent", "ternary_experts", "lory"]
+EP_CASES = ["sigmoid", "top_p", "expert_choice", "recurrent", "ternary_experts", "lory",
+            "mixture_of_heads"]
 
 
 @pytest.mark.slow
@@ -79,9 +84,10 @@ def test_expert_parallel_training_equals_one_device(variant):
   """Two steps on 8 devices (data 2 x expert 4: experts and tokens exchanged by all-to-all)
   equal two steps on one device: parameters, router state and losses."""
   one = Trainer(_config(VARIANTS[variant], **{"data.batch_size": 8}))
+  mesh = MESHES.get(variant, {"mesh.data": 2, "mesh.expert": 4})
   many = Trainer(_config(VARIANTS[variant], **{
-      "data.batch_size": 8, "mesh.num_devices": -1, "mesh.data": 2, "mesh.expert": 4}))
-  assert dict(many.mesh.shape)["expert"] == 4
+      "data.batch_size": 8, "mesh.num_devices": -1, **mesh}))
+  assert min(dict(many.mesh.shape)[k.split(".")[1]] for k in mesh) >= 2
   r1, r8 = one.train(steps=2, progress=None), many.train(steps=2, progress=None)
   np.testing.assert_allclose(r8.metrics["loss"], r1.metrics["loss"], rtol=2e-5)
   np.testing.assert_allclose(r8.metrics["aux"], r1.metrics["aux"], rtol=2e-4, atol=1e-7)

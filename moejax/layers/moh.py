@@ -1,0 +1,92 @@
+"""Mixture-of-Head attention (MoH: Jin et al. 2024, arXiv 2410.11842; code SkyworkAI/MoH).
+
+Heads are experts: instead of the plain sum over heads, MoH(X) = sum_i g_i H^i W_O^i with
+h_s shared heads (always on) and h - h_s routed heads of which each token uses its top K:
+
+  shared  g_i = a_1 softmax(W_s x)_i                     i <= h_s
+  routed  g_i = a_2 softmax(W_r x)_{i - h_s}  if i - h_s in TopK(W_r x), else 0
+  [a_1, a_2] = softmax(W_h x)                            two-stage weights (W_h: 2 x d)
+
+``gating="paper"`` is these equations. ``gating="code"`` is the released code's form, the default:
+routed weights are the softmax over the top-K logits only (renormalised) times K, shared ones
+times h_s and [a_1, a_2] times 2, so uniform router outputs give every active head weight 1 and
+MoH with every head active is exactly standard attention (the property the paper's continue-
+tuning relies on). Head load balance, sown like the FFN losses:
+
+  L_b = E sum_i f_i P_i over the E = h - h_s routed heads,
+  f_i = #{t: i in TopK_t} / (T K),  P_i = mean_t softmax(W_r x_t)_i
+
+(equals 1 when balanced; the paper's f_i omits the 1/K, a constant folded into its weight
+beta = 0.01). Works with grouped-query attention and RoPE (the gates act on query heads).
+This layer computes every head and masks: the saving of skipped heads needs a kernel that
+gathers only the selected heads' value/output paths (see the README).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.layers.attention import Attention
+from moejax.layers.dense import kernel_init
+
+Array = jax.Array
+
+
+def head_gates(x: Array, w_shared: Array, w_routed: Array, w_stage: Array, k: int,
+               gating: str = "code"):
+  """x [..., D] -> (gates [..., h], routed probs [..., E], routed top-k mask [..., E])."""
+  x = x.astype(jnp.float32)
+  hs, e = w_shared.shape[-1], w_routed.shape[-1]
+  stage = jax.nn.softmax(x @ w_stage, axis=-1)                         # [a1, a2]
+  logits = x @ w_routed
+  probs = jax.nn.softmax(logits, axis=-1)
+  top = jax.lax.top_k(logits, k)[1]
+  mask = jnp.sum(jax.nn.one_hot(top, e, dtype=jnp.float32), axis=-2)   # [..., E] 0/1
+  if gating == "code":
+    routed = jnp.where(mask > 0, logits, -jnp.inf)
+    routed = jax.nn.softmax(routed, axis=-1) * k
+    shared = jax.nn.softmax(x @ w_shared, axis=-1) * hs if hs else None
+    stage = stage * 2
+  else:
+    routed = probs * mask
+    shared = jax.nn.softmax(x @ w_shared, axis=-1) if hs else None
+  parts = [stage[..., 1:2] * routed]
+  if hs:
+    parts.insert(0, stage[..., 0:1] * shared)
+  return jnp.concatenate(parts, axis=-1), probs, mask
+
+
+def head_balance_loss(probs: Array, mask: Array, k: int) -> Array:
+  e = probs.shape[-1]
+  f = jnp.sum(mask.reshape(-1, e), axis=0) / (mask.reshape(-1, e).shape[0] * k)
+  p = jnp.mean(probs.reshape(-1, e), axis=0)
+  return e * jnp.sum(f * p)
+
+
+class MixtureOfHeadsAttention(Attention):
+  shared_heads: int = 0
+  active_heads: int = 1              # K routed heads per token
+  gating: str = "code"               # "code" (default) | "paper"
+  balance_weight: float = 0.01
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    out, wo = self.head_outputs(x, positions)                          # [B, L, H, dh]
+    h, hs, d = self.num_heads, self.shared_heads, x.shape[-1]
+    param = lambda name, n: self.param(
+        name, nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)), (d, n),
+        jnp.float32)
+    w_shared = param("shared_router", hs)
+    w_routed = param("head_router", h - hs)
+    w_stage = param("stage_router", 2)
+    gates, probs, mask = head_gates(x, w_shared, w_routed, w_stage, self.active_heads,
+                                    self.gating)
+    loss = head_balance_loss(probs, mask, self.active_heads)
+    if self.balance_weight > 0:
+      self.sow("losses", "head_balance", self.balance_weight * loss)
+    self.sow("intermediates", "head_balance", loss)
+    self.sow("intermediates", "head_load", jnp.mean(mask.reshape(-1, h - hs), axis=0))
+    self.sow("intermediates", "active_heads", jnp.asarray(hs + self.active_heads, jnp.float32))
+    gated = out * gates.astype(out.dtype)[..., None]
+    return jnp.einsum("blhk,hkd->bld", gated, wo)
