@@ -33,7 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 800, "Training steps per run.")
 _CONFIGS = flags.DEFINE_list("configs", ["dense", "switch", "gshard", "deepseekmoe"],
                              "Named configs (configs/*.py); the first is the baseline.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: init, router noise, data order.")
-_SIZES = flags.DEFINE_list("sizes", ["base"],
+_SIZES = flags.DEFINE_list("sizes", ["small"],
                            "Model sizes (moejax/experiment/setups.py), e.g. small,base.")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routing", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_routing",

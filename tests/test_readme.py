@@ -166,7 +166,7 @@ def test_make_run(tmp_path):
   assert "final | step 20" in out and "sample (temperature" in out
 
 
-COMPARE = ("python experiments/compare_routing.py --sizes=small,base "
+COMPARE = ("python experiments/compare_routing.py --sizes=tiny,small "
            "--data_path=../shared/data/tinyshakespeare.txt")
 BALANCE = "python experiments/compare_balance.py --data_path=../shared/data/tinyshakespeare.txt"
 
@@ -181,9 +181,9 @@ def test_compare_routing_command(tmp_path):
   out = _run(f"{COMPARE} --quick --steps=4 --seeds=0,1 --configs=dense,gshard "
              f"--out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
   text = open(tmp_path / "out" / "results.md").read()
-  assert "size small" in text and "size base" in text and "dense vs gshard" in text, out
+  assert "size tiny" in text and "size small" in text and "dense vs gshard" in text, out
   assert "estimated total" in out
-  for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_small.png", "loss_curves_base.png"):
+  for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_tiny.png", "loss_curves_small.png"):
     assert os.path.isfile(tmp_path / "out" / name), name
 
 
