@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   h.shared_heads = 0             # always-on heads (the first ones)
   h.active_heads = 2             # routed heads per token (top-K of num_heads - shared_heads)
   h.gating = "code"              # code (released code: all-active uniform = standard attention)
-                                 # | paper (the paper's equations)
+                                 # | paper (the paper's equations) | binary_ste (0/1 gates)
+  h.router = "learned"           # learned | query_norm (parameter-free; needs binary_ste)
   h.balance_weight = 0.01        # head load-balance loss weight (beta)
 
   m.moe = e = ml_collections.ConfigDict()
@@ -205,8 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(u.method, "upcycle.method", ("copy", "drop", "split"))
   _require(0 <= u.drop_fraction <= 1, "upcycle.drop_fraction",
            f"must be in [0, 1], got {u.drop_fraction}")
-  _require(not u.source or moe_enabled(config), "upcycle.source",
-           "is set but the model is dense: set model.moe.num_experts (or routed_experts)")
+  _require(not u.source or moe_enabled(config) or m.attention == "mixture_of_heads",
+           "upcycle.source", "is set but the model is dense with standard attention: set "
+           "model.moe.num_experts (or routed_experts) or model.attention=mixture_of_heads")
   _positive(m, "model", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
             "head_dim", "ffn_hidden")
   _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -215,7 +217,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
   _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads"))
   if m.attention == "mixture_of_heads":
-    _one_of(m.moh.gating, "model.moh.gating", ("code", "paper"))
+    _one_of(m.moh.gating, "model.moh.gating", ("code", "paper", "binary_ste"))
+    _one_of(m.moh.router, "model.moh.router", ("learned", "query_norm"))
+    _require(m.moh.router == "learned" or m.moh.gating == "binary_ste", "model.moh.router",
+             f"'query_norm' has no learned weights for the two-stage gates: use it with "
+             f"model.moh.gating='binary_ste', got gating={m.moh.gating!r}")
     _require(0 <= m.moh.shared_heads < m.num_heads, "model.moh.shared_heads",
              f"must be in [0, model.num_heads={m.num_heads}) so some heads are routed, "
              f"got {m.moh.shared_heads}")

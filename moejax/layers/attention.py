@@ -30,12 +30,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
-    out, wo = self.head_outputs(x, positions)
+    out, wo, _ = self.head_outputs(x, positions)
     return jnp.einsum("blhk,hkd->bld", out, wo)
 
-  def head_outputs(self, x: Array, positions: Array) -> tuple[Array, Array]:
-    """Per-head attention outputs [B, L, H, head_dim] and the output projection [H, dh, D]
-    (how they are combined is the caller's: a plain sum here, gated in mixture-of-heads)."""
+  def head_outputs(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """Per-head attention outputs [B, L, H, head_dim], the output projection [H, dh, D] and the
+    queries [B, L, H, dh] (how heads combine is the caller's: a plain sum here, gated in
+    mixture-of-heads, whose parameter-free router reads the queries)."""
     b, l, d = x.shape
     h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
     x = x.astype(self.dtype)
@@ -49,6 +50,7 @@ class Attention(nn.Module):
     v = jnp.einsum("bld,dhk->blhk", x, wv)
     q = nn.with_logical_constraint(q, heads)
     k, v = nn.with_logical_constraint(k, kv_heads), nn.with_logical_constraint(v, kv_heads)
+    queries = q
     q = q.reshape(b, l, g, h // g, dh)
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
@@ -56,4 +58,4 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
-    return nn.with_logical_constraint(out, heads), wo
+    return nn.with_logical_constraint(out, heads), wo, queries

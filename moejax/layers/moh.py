@@ -18,6 +18,14 @@ tuning relies on). Head load balance, sown like the FFN losses:
 
 (equals 1 when balanced; the paper's f_i omits the 1/K, a constant folded into its weight
 beta = 0.01). Works with grouped-query attention and RoPE (the gates act on query heads).
+
+Continue-tuning a trained standard-attention model (the paper's LLaMA3 setting):
+``router="query_norm"`` is the parameter-free router (score of routed head i = the L2 norm of
+its query, standardised across the routed heads, softmax, top-K) and ``gating="binary_ste"``
+gives gates of exactly 0/1 (shared heads 1, selected routed heads 1) with a straight-through
+estimator (value mask, gradient of the softmax). With every head active this is exactly the
+trained model, so conversion (``upcycle.source`` = the standard-attention run) keeps every
+head's weights and starts from the same function.
 This layer computes every head and masks: the saving of skipped heads needs a kernel that
 gathers only the selected heads' value/output paths (see the README).
 """
@@ -57,6 +65,23 @@ def head_gates(x: Array, w_shared: Array, w_routed: Array, w_stage: Array, k: in
   return jnp.concatenate(parts, axis=-1), probs, mask
 
 
+def query_norm_logits(queries: Array, shared: int) -> Array:
+  """Parameter-free router: ||q_i|| of the routed heads, standardised across them."""
+  norms = jnp.linalg.norm(queries[..., shared:, :].astype(jnp.float32), axis=-1)
+  mean = jnp.mean(norms, axis=-1, keepdims=True)
+  return (norms - mean) / (jnp.std(norms, axis=-1, keepdims=True) + 1e-6)
+
+
+def binary_gates(logits: Array, k: int, shared: int):
+  """0/1 gates with a straight-through estimator: -> (gates [..., h], probs, mask)."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  mask = jnp.sum(jax.nn.one_hot(jax.lax.top_k(logits, k)[1], logits.shape[-1],
+                                dtype=jnp.float32), axis=-2)
+  routed = mask + probs - jax.lax.stop_gradient(probs)
+  ones = jnp.ones(logits.shape[:-1] + (shared,), jnp.float32)
+  return jnp.concatenate([ones, routed], axis=-1), probs, mask
+
+
 def head_balance_loss(probs: Array, mask: Array, k: int) -> Array:
   e = probs.shape[-1]
   f = jnp.sum(mask.reshape(-1, e), axis=0) / (mask.reshape(-1, e).shape[0] * k)
@@ -67,21 +92,25 @@ def head_balance_loss(probs: Array, mask: Array, k: int) -> Array:
 class MixtureOfHeadsAttention(Attention):
   shared_heads: int = 0
   active_heads: int = 1              # K routed heads per token
-  gating: str = "code"               # "code" (default) | "paper"
+  gating: str = "code"               # "code" (default) | "paper" | "binary_ste"
+  router: str = "learned"            # "learned" (W_r) | "query_norm" (parameter-free)
   balance_weight: float = 0.01
 
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
-    out, wo = self.head_outputs(x, positions)                          # [B, L, H, dh]
+    out, wo, queries = self.head_outputs(x, positions)                 # [B, L, H, dh]
     h, hs, d = self.num_heads, self.shared_heads, x.shape[-1]
     param = lambda name, n: self.param(
         name, nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)), (d, n),
         jnp.float32)
-    w_shared = param("shared_router", hs)
-    w_routed = param("head_router", h - hs)
-    w_stage = param("stage_router", 2)
-    gates, probs, mask = head_gates(x, w_shared, w_routed, w_stage, self.active_heads,
-                                    self.gating)
+    if self.gating == "binary_ste":
+      logits = (query_norm_logits(queries, hs) if self.router == "query_norm"
+                else x.astype(jnp.float32) @ param("head_router", h - hs))
+      gates, probs, mask = binary_gates(logits, self.active_heads, hs)
+    else:
+      gates, probs, mask = head_gates(x, param("shared_router", hs),
+                                      param("head_router", h - hs), param("stage_router", 2),
+                                      self.active_heads, self.gating)
     loss = head_balance_loss(probs, mask, self.active_heads)
     if self.balance_weight > 0:
       self.sow("losses", "head_balance", self.balance_weight * loss)

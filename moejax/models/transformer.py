@@ -40,7 +40,7 @@ class ModelConfig:
   moe_every: int = 1
   first_dense_layers: int = 0
   # None: standard attention; else mixture-of-heads options (layers/moh.py):
-  # (shared_heads, active_heads, gating, balance_weight)
+  # (shared_heads, active_heads, gating, router, balance_weight)
   moh: Optional[tuple] = None
 
   def is_moe_layer(self, i: int) -> bool:
@@ -61,7 +61,7 @@ class ModelConfig:
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
-      moh = (h.shared_heads, h.active_heads, h.gating, h.balance_weight)
+      moh = (h.shared_heads, h.active_heads, h.gating, h.router, h.balance_weight)
     return cls(moe=moe, moe_every=moe_cfg.moe_every,
                first_dense_layers=moe_cfg.first_dense_layers, moh=moh,
                **{name: model[name] for name in fields})
@@ -81,10 +81,10 @@ class DecoderLayer(nn.Module):
     if c.moh is None:
       attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, name="attn")
     else:
-      shared, active, gating, weight = c.moh
+      shared, active, gating, router, weight = c.moh
       attn = MixtureOfHeadsAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
                                      shared_heads=shared, active_heads=active, gating=gating,
-                                     balance_weight=weight, name="attn")
+                                     router=router, balance_weight=weight, name="attn")
     x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None

@@ -29,16 +29,16 @@ METHODS = ("copy", "drop", "split")
 
 
 def check_fit(dense_cfg, moe_cfg, method: str) -> None:
-  """Raises ConfigError when the dense model's FFN cannot become this MoE's experts."""
+  """Raises ConfigError when the dense model's FFN cannot become this MoE's experts (nothing
+  to check when only the attention changes)."""
   if method not in METHODS:
     raise ConfigError(f"config.upcycle.method: got {method!r}; allowed: "
                       f"{', '.join(map(repr, METHODS))}")
+  if moe_cfg.moe is None or moe_cfg.moe == dense_cfg.moe:
+    return        # converting attention only (mixture-of-heads): the FFNs are copied as they are
   if dense_cfg.moe is not None:
-    raise ConfigError("config.upcycle.source: holds an MoE model; up-cycling starts from a dense "
-                      "one (model.moe.num_experts=0)")
-  if moe_cfg.moe is None:
-    raise ConfigError("config.upcycle.source is set but this config is dense: set "
-                      "model.moe.num_experts (or routed_experts) to up-cycle into an MoE")
+    raise ConfigError("config.upcycle.source: holds an MoE model with other experts; up-cycling "
+                      "starts from a dense one (model.moe.num_experts=0)")
   s, big = moe_cfg.moe, dense_cfg.ffn_hidden
   if method in ("copy", "drop") and s.fine_hidden != big:
     raise ConfigError(
@@ -137,8 +137,8 @@ def check_source(dense_config, config) -> None:
   """The dense model must equal this one outside the FFNs (same attention, width, depth)."""
   from moejax.config import flatten
   a, b = flatten(dense_config.model), flatten(config.model)
-  diff = sorted(k for k in b if k != "ffn_hidden" and not k.startswith("moe.")
-                and a.get(k) != b[k])
+  diff = sorted(k for k in b if k not in ("ffn_hidden", "attention")
+                and not k.startswith(("moe.", "moh.")) and a.get(k) != b[k])
   if diff:
     raise ConfigError(
         f"config.upcycle.source={config.upcycle.source}: the dense model differs outside its "

@@ -90,3 +90,19 @@ def test_unselected_heads_do_not_contribute_and_routers_get_gradients():
   g = jax.grad(lambda p: jnp.sum(moh.apply({"params": p}, x1, pos) ** 2))(params2)
   out_grad = np.abs(np.asarray(g["out"])).sum(axis=(1, 2))
   assert out_grad[1] > 0 and out_grad[2] == 0 and out_grad[3] == 0
+
+
+def test_query_norm_router_and_binary_gates_match_numpy():
+  from moejax.layers.moh import binary_gates, query_norm_logits
+  q = np.random.default_rng(3).normal(size=(5, 4, 8))          # [T, H, dh], 1 shared head
+  logits = np.asarray(query_norm_logits(jnp.asarray(q, jnp.float32), 1))
+  n = np.linalg.norm(q[:, 1:], axis=-1)
+  np.testing.assert_allclose(logits, (n - n.mean(-1, keepdims=True)) / (n.std(-1, keepdims=True)
+                                                                        + 1e-6), rtol=1e-5)
+  gates, probs, mask = binary_gates(jnp.asarray(logits), 2, 1)
+  top = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
+  want = np.zeros((5, 3))
+  np.put_along_axis(want, top, 1.0, -1)
+  np.testing.assert_allclose(gates, np.concatenate([np.ones((5, 1)), want], -1), atol=1e-6)
+  g = jax.grad(lambda l: jnp.sum(binary_gates(l, 2, 1)[0] * jnp.arange(4.0)))(jnp.asarray(logits))
+  assert float(jnp.abs(g).sum()) > 0                              # straight-through gradient

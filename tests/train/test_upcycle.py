@@ -126,3 +126,27 @@ def test_mote_form_equals_dense_with_routed_experts_off_and_keeps_shared_frozen(
                                     before[layer]["moe"]["shared"][name])     # frozen
     assert not np.array_equal(after[layer]["moe"]["experts"]["wi"],
                               before[layer]["moe"]["experts"]["wi"])          # trained
+
+
+def test_standard_attention_run_continues_as_mixture_of_heads(dense_run):
+  """The paper's continue-tuning: parameter-free query-norm router, first head shared, 0/1
+  gates with a straight-through estimator; with every head active it is the trained model."""
+  src, dense = dense_run
+  moh = {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
+         "model.moh.gating": "binary_ste", "model.moh.router": "query_norm",
+         "upcycle.source": src}
+  full = Trainer(config_lib.apply_overrides(tiny_config("dense"),
+                                            {**moh, "model.moh.active_heads": 3}))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  want = moejax.forward(dense.model, dense.params, tokens).logits
+  np.testing.assert_allclose(moejax.forward(full.model, full.params, tokens).logits, want,
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(full.params) == jax.tree.structure(dense.params)   # no new weights
+  half = Trainer(config_lib.apply_overrides(tiny_config("dense"),
+                                            {**moh, "model.moh.active_heads": 1}))
+  assert not np.allclose(moejax.forward(half.model, half.params, tokens).logits, want)
+  r = half.train(steps=2, progress=None)
+  assert np.isfinite(r.metrics["loss"])
+  grads = jax.grad(lambda p: moejax.loss(half.model, p, jax.random.randint(
+      jax.random.key(1), (2, 17), 0, 256))[0])(half.params)
+  assert float(jax.numpy.abs(grads["layer_0"]["attn"]["query"]).sum()) > 0
