@@ -27,10 +27,10 @@ from moejax.logs import progress as say  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
                             "Text corpus ('' = the embedded generated corpus).")
-_STEPS = flags.DEFINE_integer("steps", 800, "Training steps per run.")
+_STEPS = flags.DEFINE_integer("steps", 400, "Training steps per run (400: 10 routers x 3 "
+                              "seeds in about 40 minutes of 2 CPU cores).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: init, router noise, data order.")
-_SIZE = flags.DEFINE_string("size", "tiny", "Model size (moejax/experiment/setups.py); tiny "
-                            "keeps 10 routers x 3 seeds near an hour on 2 CPU cores.")
+_SIZE = flags.DEFINE_string("size", "tiny", "Model size (moejax/experiment/setups.py).")
 _ROUTERS = flags.DEFINE_list("routers", None, "Subset of ROUTERS (default: all).")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_routers", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_routers", "Run directories (resumable).")
