@@ -16,7 +16,6 @@ much a single sequence concentrates on few experts). Re-running resumes.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -27,8 +26,7 @@ from absl import app, flags  # noqa: E402
 
 import moejax  # noqa: E402
 from moejax import logs  # noqa: E402
-from moejax.experiment import Study, plots, setups  # noqa: E402
-from moejax.logs import progress as say  # noqa: E402
+from moejax.experiment import Study, report, setups  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
                             "Text corpus ('' = the embedded generated corpus).")
@@ -75,19 +73,8 @@ def main(argv):
       f"deepseekmoe, size {_SIZE.value}, balance weight {_WEIGHT.value}, {_STEPS.value} steps, "
       f"seeds {result.seeds}", "", result.table(metrics), "",
       *[f"Paired differences of {m}:\n\n{result.comparison_table(m)}\n" for m in metrics]])
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(result.to_json(), f)
-  print(text)
-  import matplotlib
-  matplotlib.use("Agg")
-  fig = plots.plot_curves(result, ("val_loss", "load_max_over_mean"),
-                          title="micro-batch vs global-batch balance: mean ± 1 std over seeds")
-  plots.save(fig, os.path.join(_OUT.value, "curves.png"))
-  say(f"wrote {_OUT.value}/results.md, results.json, curves.png")
-
+  report.write_study(result, _OUT.value, text,
+                     title="micro-batch vs global-batch balance: mean ± 1 std over seeds")
 
 if __name__ == "__main__":
   app.run(main)

@@ -13,7 +13,6 @@ resumable (moejax/experiment). Writes results.md/json and curves.png under --out
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -22,8 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from moejax import logs  # noqa: E402
-from moejax.experiment import Study, plots, setups  # noqa: E402
-from moejax.logs import progress as say  # noqa: E402
+from moejax.experiment import Study, report, setups  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
                             "Text corpus ('' = the embedded generated corpus).")
@@ -85,19 +83,7 @@ def main(argv):
       f"gshard layout, size {_SIZE.value}, {_STEPS.value} steps, seeds {result.seeds}", "",
       result.table(METRICS), "", f"Paired differences of val_loss against {names[0]}:", "",
       result.comparison_table("val_loss", pairs)])
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump(result.to_json(), f)
-  print(text)
-  import matplotlib
-  matplotlib.use("Agg")
-  fig = plots.plot_curves(result, ("val_loss", "load_max_over_mean"),
-                          title="routers: mean ± 1 std over seeds")
-  plots.save(fig, os.path.join(_OUT.value, "curves.png"))
-  say(f"wrote {_OUT.value}/results.md, results.json, curves.png")
-
+  report.write_study(result, _OUT.value, text, title="routers: mean ± 1 std over seeds")
 
 if __name__ == "__main__":
   app.run(main)

@@ -14,7 +14,6 @@ loss_curves_<size>.png (mean ± std bands), finals.png, gaps_vs_steps.png.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ from absl import app, flags  # noqa: E402
 from moejax import logs  # noqa: E402
 from moejax.experiment import Study, stats  # noqa: E402
 from moejax.experiment import plots, setups  # noqa: E402
+from moejax.experiment import report as report_lib  # noqa: E402
 from moejax.logs import progress as say  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
@@ -58,7 +58,7 @@ def gap_curves(result, config: str, baseline: str):
   return stats.band(diffs) if diffs else None
 
 
-def report(results: dict) -> str:
+def tables(results: dict) -> str:
   lines = []
   for size, result in results.items():
     r0 = result.runs[0]
@@ -124,13 +124,8 @@ def main(argv):
           + f"; total {est.total / 60:.1f} min")
     return
   results = {size: study.run(estimate=_ESTIMATE.value) for size, study in studies.items()}
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-    json.dump({size: r.to_json() for size, r in results.items()}, f)
-  text = report(results)
-  with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-    f.write(text + "\n")
-  print(text)
+  report_lib.write_results(_OUT.value, tables(results),
+                           {size: r.to_json() for size, r in results.items()})
   write_plots(results)
   say(f"wrote {_OUT.value}/results.md, results.json and plots")
 

@@ -171,16 +171,20 @@ COMPARE = ("python experiments/compare_routing.py --sizes=tiny,small "
 BALANCE = "python experiments/compare_balance.py --data_path=../shared/data/tinyshakespeare.txt"
 
 
-def _data_flag() -> str:
-  return "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--data_path="
+def _run_experiment(command: str, flags: str, tmp_path) -> tuple[str, str]:
+  """Runs an experiment script's README command (with the embedded corpus where ../shared is
+  missing) into tmp_path; -> (its stdout, its results.md)."""
+  data = "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--data_path="
+  out = _run(f"{command} {flags} --out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} "
+             f"{data}", ROOT)
+  return out, open(tmp_path / "out" / "results.md").read()
 
 
 @pytest.mark.slow
 @runs(COMPARE)
 def test_compare_routing_command(tmp_path):
-  out = _run(f"{COMPARE} --quick --steps=4 --seeds=0,1 --configs=dense,gshard "
-             f"--out_dir={tmp_path / 'out'} --work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
-  text = open(tmp_path / "out" / "results.md").read()
+  out, text = _run_experiment(COMPARE, "--quick --steps=4 --seeds=0,1 --configs=dense,gshard",
+                              tmp_path)
   assert "size tiny" in text and "size small" in text and "dense vs gshard" in text, out
   assert "estimated total" in out
   for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_tiny.png", "loss_curves_small.png"):
@@ -193,19 +197,15 @@ ROUTERS_CMD = "python experiments/compare_routers.py --data_path=../shared/data/
 @pytest.mark.slow
 @runs(ROUTERS_CMD)
 def test_compare_routers_command(tmp_path):
-  out = _run(f"{ROUTERS_CMD} --quick --steps=4 --seeds=0 --noestimate "
-             f"--routers=topk_softmax,sigmoid_v3,expert_choice --out_dir={tmp_path / 'out'} "
-             f"--work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
-  text = open(tmp_path / "out" / "results.md").read()
+  out, text = _run_experiment(ROUTERS_CMD, "--quick --steps=4 --seeds=0 --noestimate "
+                              "--routers=topk_softmax,sigmoid_v3,expert_choice", tmp_path)
   assert "sigmoid_v3 vs topk_softmax" in text and "experts_per_token" in text, out
 
 
 @pytest.mark.slow
 @runs(BALANCE)
 def test_compare_balance_command(tmp_path):
-  out = _run(f"{BALANCE} --quick --steps=4 --seeds=0,1 --noestimate --out_dir={tmp_path / 'out'} "
-             f"--work_root={tmp_path / 'work'} {_data_flag()}", ROOT)
-  text = open(tmp_path / "out" / "results.md").read()
+  out, text = _run_experiment(BALANCE, "--quick --steps=4 --seeds=0,1 --noestimate", tmp_path)
   assert "micro_batch vs global_batch" in text and "seq_load_max_over_mean" in text, out
   assert os.path.isfile(tmp_path / "out" / "curves.png")
 

@@ -142,10 +142,10 @@ class Trainer:
   def _upcycle_source(self, config):
     """The dense run named by ``upcycle.source``, checked against this model (no compute)."""
     src = config.upcycle.source
-    if workdir_lib.latest_checkpoint(src) is None or workdir_lib.load_config(src) is None:
+    dense_config = workdir_lib.load_config(src)
+    if workdir_lib.latest_checkpoint(src) is None or dense_config is None:
       raise ConfigError(f"config.upcycle.source={src}: not the workdir of a trained run "
                         "(no checkpoint or no config.json)")
-    dense_config = workdir_lib.load_config(src)
     upcycle_lib.check_source(dense_config, config)
     upcycle_lib.check_fit(build_model(dense_config).cfg, self.model.cfg, config.upcycle.method)
     return src
