@@ -7,7 +7,7 @@ CONFIG ?= configs/default.py
 WORKDIR ?= workdir/default
 ARGS ?=            # extra run.py flags, e.g. ARGS="--config.train.steps=50"
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench gpu-wheels clean
 
 $(STAMP): .ci/requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,19 @@ $(BENCH_STAMP): $(STAMP) experiments/requirements.txt
 bench: $(BENCH_STAMP)
 	$(PY) experiments/bench_moe.py
 	$(PY) experiments/bench_sharding.py
+
+# Wheels for the accelerator machine (no package index there): carried with
+# `run(carry=[".gpu_wheels"], command="bash experiments/gpu_check.sh")`.
+GPU_PURE := sortedcontainers attrs pytest==9.2.0 iniconfig pluggy \
+            ml-collections==1.1.0 chex==0.1.92 einops==0.8.2 tensorboardX==2.6.5 tqdm==4.70.1 \
+            toolz
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels $(GPU_PURE)
+	for v in 3.10 3.11 3.12 3.13; do \
+	  $(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .gpu_wheels \
+	    --python-version $$v --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 \
+	    --platform manylinux_2_28_x86_64 hypothesis==6.170.17 grain==0.2.18 array-record || true; \
+	done
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

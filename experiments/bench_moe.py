@@ -196,7 +196,8 @@ def profile_ops(t, d, f, e, k, repeats):
   ops = {
       "up fwd  [M,D]x[D,2F]": (lambda x, w: gm.gmm(x, w, sizes, backend="xla"),
                                lambda x, w: x @ w[0], (x, w)),
-      "up d_lhs [M,2F]x[2F,D]": (lambda dy, w: gm._tiled_gmm(dy, w, sizes, gm.XLA_TILE_M, True),
+      "up d_lhs [M,2F]x[2F,D]": (lambda dy, w: gm.gmm(dy, w, sizes, backend="xla",
+                                                      transpose_rhs=True),
                                  lambda dy, w: dy @ w[0].T, (dy, w)),
       "up d_rhs (tgmm) [D,M]x[M,2F]": (lambda x, dy: gm.tgmm(x, dy, sizes, e),
                                        lambda x, dy: x.T @ dy, (x, dy)),

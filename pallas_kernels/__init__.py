@@ -2,8 +2,8 @@
 
   from pallas_kernels import gmm, tgmm, make_group_metadata
 """
-from pallas_kernels.metadata import GroupMetadata, make_group_metadata
+from pallas_kernels.metadata import GroupMetadata, local_rows, make_group_metadata
 from pallas_kernels.ops import TARGETS, Tiling, default_target, default_tiling, gmm, tgmm
 
-__all__ = ["GroupMetadata", "make_group_metadata", "TARGETS", "Tiling", "default_target",
+__all__ = ["GroupMetadata", "local_rows", "make_group_metadata", "TARGETS", "Tiling", "default_target",
            "default_tiling", "gmm", "tgmm"]

@@ -6,10 +6,12 @@ offsets from the schedule (``metadata.make_group_metadata``), loading tiles with
 gmm   out[M, N]:     one program per (pair, N tile). It loops over K tiles, then stores only
                      the rows of its group (masked store): programs of one row tile write
                      disjoint rows, so they run in parallel without atomics. The output aliases
-                     a zero-filled input, so rows no program owns stay zero.
+                     ``existing`` (zeros unless the caller passes a buffer), so rows no program
+                     owns keep it.
 tgmm  out[G, K, N]:  one program per (local group, K tile, N tile). It loops over the row tiles
                      of its group (a dynamic trip count from ``starts``/``ends``), masks rows of
-                     neighbouring groups and writes its block once; empty groups write zeros.
+                     neighbouring groups and writes existing + its sum once (empty groups write
+                     existing unchanged).
 
 Inputs must be tile-aligned (``ops.py`` pads): M % tm == 0, K % tk == 0, N % tn == 0, with tile
 sizes powers of two >= 16 (``tl.dot``).
@@ -29,9 +31,10 @@ Array = jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("tm", "tk", "tn", "transpose_rhs", "interpret"))
-def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, *, tm: int, tk: int, tn: int,
-        transpose_rhs: bool = False, interpret=False) -> Array:
-  """lhs [M, K] x rhs [L, K, N] (or [L, N, K] if transpose_rhs) -> [M, N] in lhs.dtype."""
+def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, existing: Array, *, tm: int, tk: int,
+        tn: int, transpose_rhs: bool = False, interpret=False) -> Array:
+  """lhs [M, K] x rhs [L, K, N] (or [L, N, K] if transpose_rhs) -> [M, N] in existing.dtype;
+  rows outside the local groups keep ``existing``. Accumulation is f32."""
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
 
@@ -61,23 +64,24 @@ def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, *, tm: int, tk: int, tn: in
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=jax.ShapeDtypeStruct((m, n), existing.dtype),
       grid=(meta.num_pairs, n // tn),
       input_output_aliases={7: 0},
       interpret=interpret,
       name="moejax_gmm",
   )(meta.tile, meta.group, meta.valid.astype(jnp.int32), meta.starts, meta.ends, lhs, rhs,
-    jnp.zeros((m, n), lhs.dtype))
+    existing)
 
 
-@functools.partial(jax.jit, static_argnames=("num_local", "out_dtype", "tm", "tk", "tn",
-                                             "interpret"))
-def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, *, num_local: int, out_dtype, tm: int,
-         tk: int, tn: int, interpret=False) -> Array:
-  """out[g] = sum over rows i of local group g of lhs[i]^T grad[i]: [M,K], [M,N] -> [L, K, N]."""
+@functools.partial(jax.jit, static_argnames=("tm", "tk", "tn", "interpret"))
+def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, existing: Array, *, tm: int, tk: int,
+         tn: int, interpret=False) -> Array:
+  """out[g] = existing[g] + sum over rows i of local group g of lhs[i]^T grad[i]
+  ([M, K], [M, N], [L, K, N] -> [L, K, N] in existing.dtype)."""
+  num_local = existing.shape[0]
   k, n = lhs.shape[1], grad.shape[1]
 
-  def kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref):
+  def kernel(starts_ref, ends_ref, lhs_ref, grad_ref, existing_ref, out_ref):
     g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0, n0 = pl.multiple_of(i * tk, tk), pl.multiple_of(j * tn, tn)
     start, end = starts_ref[g], ends_ref[g]
@@ -92,12 +96,14 @@ def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, *, num_local: int, out_dt
       return acc + plt.dot(x, grad_ref[pl.ds(r0, tm), pl.ds(n0, tn)], trans_a=True)
 
     acc = jax.lax.fori_loop(0, num_tiles, body, jnp.zeros((tk, tn), jnp.float32))
-    out_ref[g, pl.ds(k0, tk), pl.ds(n0, tn)] = acc.astype(out_ref.dtype)
+    block = (g, pl.ds(k0, tk), pl.ds(n0, tn))
+    out_ref[block] = (acc + existing_ref[block].astype(jnp.float32)).astype(out_ref.dtype)
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((num_local, k, n), existing.dtype),
       grid=(num_local, k // tk, n // tn),
+      input_output_aliases={4: 0},
       interpret=interpret,
       name="moejax_tgmm",
-  )(meta.starts, meta.ends, lhs, grad)
+  )(meta.starts, meta.ends, lhs, grad, existing)

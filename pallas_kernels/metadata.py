@@ -89,3 +89,13 @@ def make_group_metadata(group_sizes: Array, num_rows: int, tm: int, *, group_off
   pair_group = jnp.where(valid, pair_group, jnp.where(num_valid > 0, pair_group[last], 0))
   return GroupMetadata(tile=tile, group=pair_group.astype(jnp.int32), valid=valid,
                        starts=starts, ends=ends, num_valid=num_valid)
+
+
+def local_rows(group_sizes, num_rows: int, group_offset, num_local: int) -> Array:
+  """[M] bool: rows that belong to groups group_offset .. group_offset + num_local - 1."""
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  off = jnp.asarray(group_offset, jnp.int32)
+  lo = jnp.where(off > 0, ends[jnp.maximum(off - 1, 0)], 0)
+  hi = ends[off + num_local - 1]
+  rows = jnp.arange(num_rows)
+  return (rows >= lo) & (rows < hi)

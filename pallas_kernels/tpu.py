@@ -10,8 +10,10 @@ gmm   out[M, N]:     grid (N tiles, pairs, K tiles). Consecutive pairs of one ro
 tgmm  out[G, K, N]:  grid (K tiles, N tiles, pairs). Consecutive pairs of one group accumulate
                      lhs_tile^T @ grad_tile in an f32 scratch; the group's last pair writes it.
 
-Both outputs alias a zero-filled input, so blocks the schedule never visits (rows outside the
-local groups, empty groups) come back as zeros rather than uninitialised HBM. Inputs must be
+Both outputs alias an input buffer (``existing``: zeros unless the caller passes one), so blocks
+the schedule never visits (rows outside the local groups, empty groups) come back as that
+buffer rather than uninitialised HBM. gmm overwrites the rows of local groups; tgmm adds its
+sums to the buffer (megablox's ``existing_out`` semantics). Inputs must be
 tile-aligned (``ops.py`` pads): M % tm == 0, K % tk == 0, N % tn == 0, with tm a multiple of
 8 (16 for bf16) and tk, tn multiples of 128 or the full dimension.
 """
@@ -40,9 +42,10 @@ def _row_mask(tile_ref, group_ref, valid_ref, starts_ref, ends_ref, p, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("tm", "tk", "tn", "transpose_rhs", "interpret"))
-def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, *, tm: int, tk: int, tn: int,
-        transpose_rhs: bool = False, interpret=False) -> Array:
-  """lhs [M, K] x rhs [L, K, N] (or [L, N, K] if transpose_rhs) -> [M, N] in lhs.dtype."""
+def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, existing: Array, *, tm: int, tk: int,
+        tn: int, transpose_rhs: bool = False, interpret=False) -> Array:
+  """lhs [M, K] x rhs [L, K, N] (or [L, N, K] if transpose_rhs) -> [M, N] in existing.dtype;
+  rows outside the local groups keep ``existing``. Accumulation is f32."""
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   grid = (n // tn, meta.num_pairs, k // tk)
@@ -75,7 +78,7 @@ def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, *, tm: int, tk: int, tn: in
   out_spec = pl.BlockSpec((tm, tn), lambda n_, p, k_, tile, *_: (tile[p], n_))
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=jax.ShapeDtypeStruct((m, n), existing.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5, grid=grid,
           in_specs=[pl.BlockSpec((tm, tk), lambda n_, p, k_, tile, *_: (tile[p], k_)),
@@ -87,20 +90,20 @@ def gmm(lhs: Array, rhs: Array, meta: GroupMetadata, *, tm: int, tk: int, tn: in
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="moejax_gmm",
-  )(*_prefetch(meta), lhs, rhs, jnp.zeros((m, n), lhs.dtype))
+  )(*_prefetch(meta), lhs, rhs, existing)
 
 
-@functools.partial(jax.jit, static_argnames=("num_local", "out_dtype", "tm", "tk", "tn",
-                                             "interpret"))
-def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, *, num_local: int, out_dtype, tm: int,
-         tk: int, tn: int, interpret=False) -> Array:
-  """out[g] = sum over rows i of local group g of lhs[i]^T grad[i]: [M,K], [M,N] -> [L, K, N]."""
+@functools.partial(jax.jit, static_argnames=("tm", "tk", "tn", "interpret"))
+def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, existing: Array, *, tm: int, tk: int,
+         tn: int, interpret=False) -> Array:
+  """out[g] = existing[g] + sum over rows i of local group g of lhs[i]^T grad[i]
+  ([M, K], [M, N], [L, K, N] -> [L, K, N] in existing.dtype)."""
+  num_local = existing.shape[0]
   k, n = lhs.shape[1], grad.shape[1]
   grid = (k // tk, n // tn, meta.num_pairs)
 
   def kernel(tile_ref, group_ref, valid_ref, starts_ref, ends_ref, lhs_ref, grad_ref,
              existing_ref, out_ref, acc_ref):
-    del existing_ref                       # aliased to out: only unvisited groups keep it
     p = pl.program_id(2)
     last_p = pl.num_programs(2) - 1
     g = group_ref[p]
@@ -118,12 +121,12 @@ def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, *, num_local: int, out_dt
 
     @pl.when((p == last_p) | (g != group_ref[jnp.minimum(p + 1, last_p)]))
     def _():
-      out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+      out_ref[...] = (acc_ref[...] + existing_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
   out_spec = pl.BlockSpec((None, tk, tn), lambda k_, n_, p, tile, group, *_: (group[p], k_, n_))
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((num_local, k, n), existing.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5, grid=grid,
           in_specs=[pl.BlockSpec((tm, tk), lambda k_, n_, p, tile, *_: (tile[p], k_)),
@@ -136,4 +139,4 @@ def tgmm(lhs: Array, grad: Array, meta: GroupMetadata, *, num_local: int, out_dt
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="moejax_tgmm",
-  )(*_prefetch(meta), lhs, grad, jnp.zeros((num_local, k, n), out_dtype))
+  )(*_prefetch(meta), lhs, grad, existing)

@@ -1,5 +1,6 @@
 """Every command the README shows is run here as written (smaller through documented overrides),
 or listed with the test that runs it, or with why no CPU test can (then CI runs it itself)."""
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,9 @@ ELSEWHERE = {
      "--coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0"): (
         "tests/parallel/test_multihost.py runs two such processes against one"),
     "JAX_PLATFORMS=cuda python -m pytest tests/pallas_kernels": "needs a GPU",
+    "make gpu-wheels": "downloads wheels for the device machine (run by hand before a GPU run)",
+    "python experiments/bench_kernels.py --dtype=bfloat16": (
+        "Pallas kernels at speed need a GPU/TPU; test_bench_kernels_smoke runs the CPU backends"),
     "python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch": (
         "Pallas kernels at speed need a GPU/TPU (correctness runs in tests/pallas_kernels)"),
 }
@@ -215,6 +219,18 @@ def test_bench_smoke(tmp_path):
   out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
               f"--out_dir={tmp_path}"], ROOT)
   assert "ratio" in out or "x" in out
+
+
+def test_bench_kernels_smoke(tmp_path):
+  """The kernel benchmark of experiments/gpu_check.sh, on the CPU backends (pallas needs a
+  GPU/TPU): every op of every shape is timed against dense and ragged_dot, none fails."""
+  out = _run([sys.executable, "experiments/bench_kernels.py", "--quick", "--backends=xla",
+              "--dtype=float32", f"--out_dir={tmp_path}"], ROOT)
+  assert "FAILED" not in out
+  rows = json.load(open(tmp_path / "results.json"))["rows"]
+  assert {(r["op"], r["impl"]) for r in rows} == {
+      (op, impl) for op in ("gmm", "d_lhs", "tgmm") for impl in ("dense", "ragged_dot", "xla")}
+  assert all(r["tflops"] > 0 and r["x_dense"] > 0 for r in rows)
 
 
 @pytest.mark.slow

@@ -1,8 +1,14 @@
 """One grouped matmul for every expert layer: ``gmm(lhs, rhs, group_sizes, backend=...)``.
 
 Contract (shared by every backend, so they are interchangeable):
-  lhs [M, K] rows sorted by group; rhs [G, K, N]; group_sizes [G] int32 with sum <= M.
-  out[i] = lhs[i] @ rhs[g(i)] for row i of group g; rows past sum(group_sizes) are 0.
+  lhs [M, K] rows sorted by group; group_sizes [G] int32 with sum <= M; rhs [L, K, N] holds
+  groups group_offset .. group_offset + L - 1 (L = G, offset 0 unless expert-parallel).
+  out[i] = lhs[i] @ rhs[g(i) - group_offset] for rows of those groups; all other rows are 0.
+Options, with megablox's names and meanings, on every backend:
+  transpose_rhs           rhs is [L, N, K]; row i uses rhs[g]^T.
+  preferred_element_type  output dtype (default lhs.dtype); products accumulate in f32.
+  existing_out            [M, N]: rows of the local groups are written, the others keep it.
+  group_offset            first global group in rhs (int or traced int32).
 
 Backends:
   "reference"  a per-group loop, obviously right, O(G) dense matmuls: the test oracle.
@@ -26,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from pallas_kernels.metadata import GroupMetadata, make_group_metadata
+from pallas_kernels.metadata import GroupMetadata, local_rows, make_group_metadata
 
 Array = jax.Array
 
@@ -34,7 +40,10 @@ _BACKENDS: dict[str, Callable[..., Array]] = {}
 
 
 def register_backend(name: str, fn: Callable[..., Array]) -> None:
-  """Registers ``fn(lhs, rhs, group_sizes, *, tile_m) -> [M, N]`` under ``name``."""
+  """Registers ``fn(lhs, rhs, group_sizes, *, tile_m, group_offset, transpose_rhs, out_dtype)
+  -> [M, N]`` under ``name``: rows outside the local groups must be 0 (``gmm`` merges
+  ``existing_out`` itself; a backend that can write into it natively registers
+  ``fn.existing_out = True`` and also receives ``existing_out=``)."""
   _BACKENDS[name] = fn
 
 
@@ -57,36 +66,80 @@ XLA_TILE_M = 128   # rows per tile of the "xla" backend (measured best on CPU)
 
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, backend: str = "auto",
-        tile_m: int = XLA_TILE_M) -> Array:
-  """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (see module docstring)."""
+        tile_m: int = XLA_TILE_M, group_offset=0, transpose_rhs: bool = False,
+        preferred_element_type=None, existing_out: Array | None = None) -> Array:
+  """Grouped matmul ``[M, K] x [L, K, N] -> [M, N]`` (see module docstring)."""
   if lhs.ndim != 2 or rhs.ndim != 3:
-    raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
-  if lhs.shape[1] != rhs.shape[1]:
-    raise ValueError(f"gmm contraction mismatch: lhs K={lhs.shape[1]}, rhs K={rhs.shape[1]}")
-  if group_sizes.shape != (rhs.shape[0],):
-    raise ValueError(f"gmm group_sizes shape {group_sizes.shape} != (G,)=({rhs.shape[0]},)")
+    raise ValueError(f"gmm expects lhs [M, K] and rhs [L, K, N]; got {lhs.shape} and {rhs.shape}")
+  k_rhs, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else (rhs.shape[1], rhs.shape[2])
+  if lhs.shape[1] != k_rhs:
+    raise ValueError(f"gmm contraction mismatch: lhs K={lhs.shape[1]}, rhs K={k_rhs}"
+                     f"{' (rhs is [L, N, K] with transpose_rhs)' if transpose_rhs else ''}")
+  num_local = rhs.shape[0]
+  if group_sizes.ndim != 1 or group_sizes.shape[0] < num_local:
+    raise ValueError(f"gmm group_sizes shape {group_sizes.shape}: expected (G,) with G >= the "
+                     f"{num_local} groups of rhs")
+  if isinstance(group_offset, int) and not 0 <= group_offset <= group_sizes.shape[0] - num_local:
+    raise ValueError(f"gmm group_offset={group_offset} with {num_local} local groups must lie in "
+                     f"[0, {group_sizes.shape[0] - num_local}]")
+  if existing_out is not None and existing_out.shape != (lhs.shape[0], n):
+    raise ValueError(f"gmm existing_out must have the output shape {(lhs.shape[0], n)}, got "
+                     f"{existing_out.shape}")
   if tile_m <= 0:
     raise ValueError(f"gmm tile_m must be positive, got {tile_m}")
-  return _BACKENDS[resolve_backend(backend)](
-      lhs, rhs, group_sizes.astype(jnp.int32), tile_m=tile_m)
+  fn = _BACKENDS[resolve_backend(backend)]
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  group_sizes = group_sizes.astype(jnp.int32)
+  kw = dict(tile_m=tile_m, group_offset=group_offset, transpose_rhs=bool(transpose_rhs),
+            out_dtype=out_dtype)
+  if existing_out is not None and getattr(fn, "existing_out", False):
+    return fn(lhs, rhs, group_sizes, existing_out=existing_out, **kw)
+  out = fn(lhs, rhs, group_sizes, **kw)
+  if existing_out is None:
+    return out
+  keep = ~local_rows(group_sizes, lhs.shape[0], group_offset, num_local)
+  return out + jnp.where(keep[:, None], existing_out.astype(out_dtype), jnp.zeros((), out_dtype))
 
 
 # ----------------------------------------------------------------------------- reference
-def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array, **_) -> Array:
-  """Per-group loop: row i uses rhs[g] iff start_g <= i < end_g."""
+def _as_kn(rhs, transpose_rhs):
+  return jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+
+
+def gmm_reference(lhs: Array, rhs: Array, group_sizes: Array, *, group_offset=0,
+                  transpose_rhs=False, out_dtype=None, **_) -> Array:
+  """Per-group loop: row i uses local group j iff start_(offset+j) <= i < end_(offset+j)."""
+  rhs = _as_kn(rhs, transpose_rhs)
   ends = jnp.cumsum(group_sizes)
   starts = ends - group_sizes
   rows = jnp.arange(lhs.shape[0])
   out = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
-  for g in range(rhs.shape[0]):
+  for j in range(rhs.shape[0]):
+    g = group_offset + j
     mask = (rows >= starts[g]) & (rows < ends[g])
-    y = jnp.dot(lhs, rhs[g], preferred_element_type=jnp.float32)
+    y = jnp.dot(lhs, rhs[j], preferred_element_type=jnp.float32)
     out = out + jnp.where(mask[:, None], y, 0.0)
-  return out.astype(lhs.dtype)
+  return out.astype(out_dtype or lhs.dtype)
 
 
-def _ragged_dot(lhs, rhs, group_sizes, **_):
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+def _ragged_dot(lhs, rhs, group_sizes, *, group_offset=0, transpose_rhs=False, out_dtype=None,
+                **_):
+  """``jax.lax.ragged_dot`` has no group offset: the local groups' rows are rolled to the top,
+  multiplied with the local sizes (later rows come back 0) and rolled back."""
+  rhs = _as_kn(rhs, transpose_rhs)
+  out_dtype = out_dtype or lhs.dtype
+  num_local = rhs.shape[0]
+  if num_local == group_sizes.shape[0] and isinstance(group_offset, int) and group_offset == 0:
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+  ends = jnp.cumsum(group_sizes)
+  off = jnp.asarray(group_offset, jnp.int32)
+  first = jnp.where(off > 0, ends[jnp.maximum(off - 1, 0)], 0)
+  local = jax.lax.dynamic_slice_in_dim(group_sizes, off, num_local)
+  out = jax.lax.ragged_dot(jnp.roll(lhs, -first, axis=0), rhs, local,
+                           preferred_element_type=out_dtype)
+  out = jnp.roll(out, first, axis=0)
+  keep = local_rows(group_sizes, lhs.shape[0], off, num_local)
+  return jnp.where(keep[:, None], out, jnp.zeros((), out_dtype))
 
 
 # ----------------------------------------------------------------------------- tiled XLA path
@@ -108,11 +161,12 @@ def _f32(x):
   return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
 
 
-def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
-  out_dtype, lhs, rhs = lhs.dtype, _f32(lhs), _f32(rhs)
+def _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs, out_dtype):
+  lhs, rhs = _f32(lhs), _f32(rhs)
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
-  s = make_group_metadata(group_sizes, m, tile_m)
+  s = make_group_metadata(group_sizes, m, tile_m, group_offset=group_offset,
+                          num_local=rhs.shape[0])
   x = _pad_rows(lhs, tile_m)
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
@@ -134,8 +188,10 @@ def _tiled_gmm(lhs, rhs, group_sizes, tile_m, transpose_rhs=False):
 
 
 def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
-         tile_m: int = XLA_TILE_M) -> Array:
-  """Transposed grouped matmul: out[g] = sum_{i in group g} lhs[i]^T grad[i] -> [G, K, N].
+         tile_m: int = XLA_TILE_M, group_offset=0, preferred_element_type=jnp.float32,
+         existing_out: Array | None = None) -> Array:
+  """Transposed grouped matmul on the CPU path: out[j] = existing_out[j] (or 0) +
+  sum over rows i of group group_offset + j of lhs[i]^T grad[i] -> [num_groups, K, N].
 
   Pairs of one group are consecutive in the schedule, so the loop accumulates the current
   group's [K, N] block in its carry and stores it once, at the group's last pair (measured
@@ -143,7 +199,8 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
   """
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
-  s = make_group_metadata(group_sizes, m, tile_m)
+  s = make_group_metadata(group_sizes.astype(jnp.int32), m, tile_m, group_offset=group_offset,
+                          num_local=num_groups)
   xt_all, dy = _pad_rows(_f32(lhs), tile_m).T, _pad_rows(_f32(grad), tile_m)
 
   def body(p, carry):
@@ -161,23 +218,32 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
 
   k, n = lhs.shape[1], grad.shape[1]
   init = (jnp.zeros((k, n), jnp.float32), jnp.zeros((num_groups, k, n), jnp.float32))
-  return jax.lax.fori_loop(0, s.num_valid, body, init)[1]
+  out = jax.lax.fori_loop(0, s.num_valid, body, init)[1]
+  if existing_out is not None:
+    out = out + existing_out.astype(jnp.float32)
+  return out.astype(preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm_xla(lhs, rhs, group_sizes, tile_m=128):
-  return _tiled_gmm(lhs, rhs, group_sizes, tile_m)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def gmm_xla(lhs, rhs, group_sizes, group_offset=0, tile_m=XLA_TILE_M, transpose_rhs=False,
+            out_dtype=None):
+  return _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs,
+                    out_dtype or lhs.dtype)
 
 
-def _gmm_xla_fwd(lhs, rhs, group_sizes, tile_m):
-  return _tiled_gmm(lhs, rhs, group_sizes, tile_m), (lhs, rhs, group_sizes)
+def _gmm_xla_fwd(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs, out_dtype):
+  out = _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs,
+                   out_dtype or lhs.dtype)
+  return out, (lhs, rhs, group_sizes, group_offset)
 
 
-def _gmm_xla_bwd(tile_m, res, dout):
-  lhs, rhs, group_sizes = res
-  dlhs = _tiled_gmm(dout, rhs, group_sizes, tile_m, transpose_rhs=True).astype(lhs.dtype)
-  drhs = tgmm(lhs, dout, group_sizes, rhs.shape[0], tile_m=tile_m).astype(rhs.dtype)
-  return dlhs, drhs, None
+def _gmm_xla_bwd(tile_m, transpose_rhs, out_dtype, res, dout):
+  lhs, rhs, group_sizes, group_offset = res
+  dlhs = _tiled_gmm(dout, rhs, group_sizes, group_offset, tile_m, not transpose_rhs, lhs.dtype)
+  a, b = (dout, lhs) if transpose_rhs else (lhs, dout)
+  drhs = tgmm(a, b, group_sizes, rhs.shape[0], tile_m=tile_m, group_offset=group_offset,
+              preferred_element_type=rhs.dtype)
+  return dlhs, drhs, None, None
 
 
 gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
@@ -186,11 +252,16 @@ register_backend("reference", gmm_reference)
 register_backend("ragged_dot", _ragged_dot)
 
 
-def _pallas(lhs, rhs, group_sizes, **_):
+def _pallas(lhs, rhs, group_sizes, *, group_offset=0, transpose_rhs=False, out_dtype=None,
+            existing_out=None, **_):
+  kw = dict(group_offset=group_offset, transpose_rhs=transpose_rhs,
+            preferred_element_type=out_dtype, existing_out=existing_out)
   if jax.default_backend() == "cpu":   # the interpreter, with TPU semantics (tests only)
-    return pallas_kernels.gmm(lhs, rhs, group_sizes, target="tpu", interpret=True)
-  return pallas_kernels.gmm(lhs, rhs, group_sizes)
+    return pallas_kernels.gmm(lhs, rhs, group_sizes, target="tpu", interpret=True, **kw)
+  return pallas_kernels.gmm(lhs, rhs, group_sizes, **kw)
 
 
+_pallas.existing_out = True   # the kernels write into the buffer (aliased), no extra pass
 register_backend("pallas", _pallas)
-register_backend("xla", lambda lhs, rhs, gs, *, tile_m: gmm_xla(lhs, rhs, gs, tile_m))
+register_backend("xla", lambda lhs, rhs, gs, *, tile_m, group_offset, transpose_rhs, out_dtype:
+                 gmm_xla(lhs, rhs, gs, group_offset, tile_m, transpose_rhs, out_dtype))

@@ -126,3 +126,81 @@ def test_bf16_one_group_one_tile_under_jit_and_grad(backend, m, tile_m):
   want_r = bf(lhs).T @ np.asarray(ct, np.float64)
   np.testing.assert_allclose(dl, want_l, rtol=3e-2, atol=5e-2 * np.abs(want_l).max())
   np.testing.assert_allclose(dr[0], want_r, rtol=3e-2, atol=5e-2 * np.abs(want_r).max())
+
+
+def _oracle_options(lhs, rhs_kn, sizes, offset, existing):
+  """float64 loop over the local groups; other rows keep ``existing`` (or 0)."""
+  l64, r64 = np.asarray(lhs, np.float64), np.asarray(rhs_kn, np.float64)
+  out = np.zeros((l64.shape[0], r64.shape[2])) if existing is None else np.asarray(existing, np.float64).copy()
+  ends = np.cumsum(sizes)
+  for j in range(r64.shape[0]):
+    s, e = ends[offset + j] - sizes[offset + j], ends[offset + j]
+    out[s:e] = l64[s:e] @ r64[j]
+  return out
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("offset,transpose,existing", [(0, True, False), (2, False, True),
+                                                       (1, True, True)])
+def test_kernel_options_on_every_backend(backend, offset, transpose, existing):
+  """group_offset, transpose_rhs, preferred_element_type (bf16 in, f32 out) and existing_out on
+  every backend: values and the gradients of lhs, rhs and existing_out against float64 loops."""
+  sizes = np.array([7, 0, 13, 9, 4], np.int32)       # 33 of 40 rows used
+  m, k, n, num_local = 40, 12, 10, 2
+  lhs, rhs_all = _inputs(m, 5, k=k, n=n, dtype=jnp.bfloat16, seed=7)
+  rhs_kn = rhs_all[offset:offset + num_local]
+  rhs = jnp.swapaxes(rhs_kn, 1, 2) if transpose else rhs_kn
+  buf = jax.random.normal(jax.random.key(8), (m, n)) if existing else None
+  ct = jax.random.normal(jax.random.key(9), (m, n))
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def f(a, b, e):
+    out = gm.gmm(a, b, jnp.asarray(sizes), backend=backend, tile_m=8, group_offset=offset,
+                 transpose_rhs=transpose, preferred_element_type=jnp.float32, existing_out=e)
+    return out, jnp.sum(out * ct)
+
+  out = f(lhs, rhs, buf)[0]
+  assert out.dtype == jnp.float32 and out.shape == (m, n)
+  want = _oracle_options(f32(lhs), f32(rhs_kn), sizes, offset, buf)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-3, err_msg=backend)
+  # Gradients: local rows get ct @ w^T, local weights lhs^T ct, existing_out ct on kept rows.
+  grads = jax.grad(lambda a, b, e: f(a, b, e)[1], argnums=(0, 1, 2))(lhs, rhs, buf)
+  ends = np.cumsum(sizes)
+  lo, hi = ends[offset] - sizes[offset], ends[offset + num_local - 1]
+  c64, l64, r64 = np.asarray(ct, np.float64), np.asarray(f32(lhs), np.float64), np.asarray(f32(rhs_kn), np.float64)
+  want_l, want_r = np.zeros((m, k)), np.zeros(r64.shape)
+  for j in range(num_local):
+    s, e = ends[offset + j] - sizes[offset + j], ends[offset + j]
+    want_l[s:e] = c64[s:e] @ r64[j].T
+    want_r[j] = l64[s:e].T @ c64[s:e]
+  if transpose:
+    want_r = want_r.transpose(0, 2, 1)
+  bf_tol = dict(rtol=3e-2, atol=0.3)          # the backward runs in bf16 (cotangent cast)
+  assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(grads[0]), want_l, **bf_tol, err_msg=backend)
+  np.testing.assert_allclose(f32(grads[1]), want_r, **bf_tol, err_msg=backend)
+  if existing:
+    keep = np.ones(m, bool)
+    keep[lo:hi] = False
+    np.testing.assert_allclose(grads[2], np.where(keep[:, None], c64, 0.0), atol=1e-6)
+
+
+def test_tgmm_offset_and_existing_out():
+  lhs, _ = _inputs(30, 3)
+  grad = jax.random.normal(jax.random.key(5), (30, 7))
+  sizes = np.array([9, 0, 17, 3])
+  prior = jax.random.normal(jax.random.key(6), (2, 12, 7))
+  got = gm.tgmm(lhs, grad, jnp.asarray(sizes), 2, tile_m=8, group_offset=2, existing_out=prior)
+  l64, g64 = np.asarray(lhs, np.float64), np.asarray(grad, np.float64)
+  np.testing.assert_allclose(got[0], prior[0] + l64[9:26].T @ g64[9:26], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got[1], prior[1] + l64[26:29].T @ g64[26:29], rtol=1e-4, atol=1e-4)
+
+
+def test_option_errors_name_the_setting():
+  lhs, rhs = _inputs(8, 2)
+  with pytest.raises(ValueError, match="group_offset=2 with 2 local groups must lie in"):
+    gm.gmm(lhs, rhs, jnp.array([4, 4, 0]), group_offset=2)
+  with pytest.raises(ValueError, match="existing_out must have the output shape"):
+    gm.gmm(lhs, rhs, jnp.array([4, 4]), existing_out=jnp.zeros((8, 3)))
+  with pytest.raises(ValueError, match="contraction mismatch.*transpose_rhs"):
+    gm.gmm(lhs, rhs, jnp.array([4, 4]), transpose_rhs=True)

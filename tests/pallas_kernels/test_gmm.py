@@ -147,3 +147,63 @@ def test_bad_arguments_raise_clear_errors():
       pk.gmm(lhs, rhs, jnp.array([4, 4]))
   with pytest.raises(ValueError, match="group_sizes must be a 1-D integer array"):
     pk.gmm(lhs, rhs, jnp.array([4.0, 4.0]), target="tpu", interpret=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_megablox_options(target):
+  """transpose_rhs + group_offset + bf16 inputs with f32 output + existing_out, and tgmm with
+  existing_out (accumulates) and an f32 output, against float64 loops; gradients of all three
+  differentiable inputs. Uninitialised memory is NaN in the TPU interpreter, so a kept row that
+  was not copied from existing_out would fail."""
+  sizes = np.array([7, 0, 13, 9, 4], np.int32)
+  lhs, rhs, ct = inputs(40, 5, jnp.bfloat16, seed=11)
+  local_t = jnp.swapaxes(rhs[1:4], 1, 2)                  # groups 1..3, stored [L, N, K]
+  buf = jax.random.normal(jax.random.key(12), (40, N))
+  kw = dict(target=_target(target), interpret=INTERPRET[target], tiling=TILES[target][0])
+  f32 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
+
+  def f(a, b, e):
+    return pk.gmm(a, b, jnp.asarray(sizes), transpose_rhs=True, group_offset=1,
+                  preferred_element_type=jnp.float32, existing_out=e, **kw)
+
+  got = f(lhs, local_t, buf)
+  assert got.dtype == jnp.float32
+  want = np.asarray(buf, np.float64).copy()
+  want[7:29] = 0                                          # rows of groups 1..3
+  want += oracle(f32(lhs), f32(rhs[1:4]), sizes, offset=1)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+  loss = lambda a, b, e: jnp.sum(f(a, b, e) * ct.astype(jnp.float32))
+  dl, dr, de = jax.grad(loss, argnums=(0, 1, 2))(lhs, local_t, buf)
+  c64, l64, r64 = f32(ct), f32(lhs), f32(rhs)
+  want_l, want_r = np.zeros(l64.shape), np.zeros((3, N, K))
+  ends = np.cumsum(sizes)
+  for j in range(3):
+    s, e = ends[1 + j] - sizes[1 + j], ends[1 + j]
+    want_l[s:e] = c64[s:e] @ r64[1 + j].T
+    want_r[j] = c64[s:e].T @ l64[s:e]
+  bf_tol = dict(rtol=3e-2, atol=0.5)
+  np.testing.assert_allclose(f32(dl), want_l, **bf_tol)
+  np.testing.assert_allclose(f32(dr), want_r, **bf_tol)
+  want_e = c64.copy()
+  want_e[7:29] = 0
+  np.testing.assert_allclose(de, want_e, atol=1e-6)
+
+  prior = jax.random.normal(jax.random.key(13), (3, K, N))
+  dw = pk.tgmm(lhs, ct, jnp.asarray(sizes), num_local=3, group_offset=1, existing_out=prior,
+               preferred_element_type=jnp.float32, **kw)
+  assert dw.dtype == jnp.float32
+  for j in range(3):
+    s, e = ends[1 + j] - sizes[1 + j], ends[1 + j]
+    np.testing.assert_allclose(dw[j], np.asarray(prior[j]) + l64[s:e].T @ c64[s:e], **bf_tol)
+
+
+def test_option_errors():
+  lhs, rhs, _ = inputs(8, 2, jnp.float32)
+  kw = dict(target="tpu", interpret=True)
+  with pytest.raises(ValueError, match="group_offset=1 with 2 local groups must lie in"):
+    pk.gmm(lhs, rhs, jnp.array([4, 4]), group_offset=1, **kw)
+  with pytest.raises(ValueError, match="existing_out must have the output shape"):
+    pk.gmm(lhs, rhs, jnp.array([4, 4]), existing_out=jnp.zeros((8, 3)), **kw)
+  with pytest.raises(ValueError, match="tgmm: existing_out must have the output shape"):
+    pk.tgmm(lhs, lhs, jnp.array([4, 4]), existing_out=jnp.zeros((2, 3, 3)), **kw)
