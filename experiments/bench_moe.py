@@ -29,6 +29,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# torch's OpenMP workers spin after each op by default and steal the cores from the JAX case
+# timed next in the same round (measured: balanced moejax 0.87x dense with spinning, 0.97x
+# without); passive waiting makes the interleaved rounds fair to both.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,7 +60,8 @@ SHAPES = {  # name: (T, D, F, E, k, routing)
     "fine-grained E64 k6 F256": (4096, 512, 256, 64, 6, "balanced"),
     "zipf(1.2) E16 k2 F1024": (4096, 512, 1024, 16, 2, "zipf"),
 }
-SWEEP_TOKENS = (1024, 2048, 4096, 8192)
+SWEEP_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+RAGGED_MAX_T = 4096   # ragged_dot on CPU computes every group densely: GBs of temporaries beyond
 
 
 def flops(t, d, f, k):
@@ -94,14 +99,24 @@ class Case:
     self.extra = extra or {}
 
 
-def jax_case(name, loss, params, x, *route):
-  """grad(loss) w.r.t. (params, x); routing arrays are runtime inputs, never constants
-  (XLA would otherwise constant-fold the whole dispatch plan at compile time)."""
+def cotangent(t, d):
+  """The output's cotangent: a fixed random [T, D] (loss = sum(y * c)), as in training. With
+  loss = sum(y) the cotangent is a constant of ones that XLA folds into the backward pass,
+  which measured ~45% slower for the MoE layer on CPU (734 vs 502 ms, fine-grained shape) and
+  changed the dense FFN little: an artifact no training step has."""
+  return jax.random.normal(jax.random.key(7), (t, d))
+
+
+def jax_case(name, forward, params, x, *route):
+  """grad of sum(forward(params, x, *route) * c) w.r.t. (params, x); routing arrays and c are
+  runtime inputs, never constants (XLA would otherwise constant-fold the dispatch plan)."""
   dtype = jnp.dtype(_DTYPE.value)
   params, x = jax.tree.map(lambda a: a.astype(dtype), (params, x))
-  step = jax.jit(jax.grad(lambda p, x, *r: loss(p, x, *r).astype(jnp.float32), argnums=(0, 1)))
-  peak, temp = _memory(step, params, x, *route)
-  return Case(name, lambda: jax.block_until_ready(step(params, x, *route)), peak, temp)
+  c = cotangent(*x.shape).astype(dtype)
+  loss = lambda p, x, c, *r: jnp.sum(forward(p, x, *r).astype(jnp.float32) * c)
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  peak, temp = _memory(step, params, x, c, *route)
+  return Case(name, lambda: jax.block_until_ready(step(params, x, c, *route)), peak, temp)
 
 
 def dense_case(t, d, f, k, key):
@@ -110,10 +125,10 @@ def dense_case(t, d, f, k, key):
   params = (jax.random.normal(k1, (d, 2, h)) * d ** -0.5, jax.random.normal(k2, (h, d)) * h ** -0.5)
   x = jax.random.normal(k3, (t, d))
 
-  def loss(p, x):
+  def forward(p, x):
     up = jnp.einsum("td,dch->tch", x, p[0])
-    return jnp.sum(swiglu(up) @ p[1])
-  return jax_case("dense", loss, params, x)
+    return swiglu(up) @ p[1]
+  return jax_case("dense", forward, params, x)
 
 
 def moe_case(t, d, f, e, k, kind, name, key):
@@ -126,12 +141,12 @@ def moe_case(t, d, f, e, k, kind, name, key):
             jax.random.normal(k2, (e, f, d)) * f ** -0.5)
   x = jax.random.normal(k3, (t, d))
 
-  def loss(p, x, idx, w):
+  def forward(p, x, idx, w):
     plan = plan_dropless(idx, e, align=align)
     ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend,
                             dtype=x.dtype)
-    return jnp.sum(combine(ys, plan, w))
-  return jax_case(f"moejax/{backend}@{align}", loss, params, x, idx, w)
+    return combine(ys, plan, w)
+  return jax_case(f"moejax/{backend}@{align}", forward, params, x, idx, w)
 
 
 def torch_case(t, d, f, e, k, kind):
@@ -149,11 +164,12 @@ def torch_case(t, d, f, e, k, kind):
   idx, w = routing(t, e, k, kind)
   idx, w = torch.from_numpy(idx).long(), torch.from_numpy(w)
   x = torch.randn(t, d, requires_grad=True)
+  c = torch.from_numpy(np.asarray(cotangent(t, d)))
 
   def step():
     block.zero_grad(set_to_none=True)
     x.grad = None
-    block(x, idx, w).sum().backward()
+    (block(x, idx, w) * c).sum().backward()
   return Case("transformers", step, extra={"torch": torch.__version__,
                                            "threads": torch.get_num_threads()})
 
@@ -184,45 +200,77 @@ def measure(cases, repeats):
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def profile_ops(t, d, f, e, k, repeats):
-  """Each grouped matmul of the layer against a dense matmul of the same FLOPs (balanced groups):
-  where the gap to dense comes from."""
+def profile_ops(t, d, f, e, k, kind, repeats):
+  """Where the layer's time goes: each component of one fwd+bwd step timed alone (random
+  cotangents, routing as in the layer), the grouped matmuls beside a dense matmul of the same
+  FLOPs. Components: the router's sort (plan), dispatch gather + its backward, the six grouped
+  matmuls (up/down x forward, d_lhs, d_rhs = tgmm), SwiGLU + backward, combine + backward."""
   from moejax.ops import grouped_matmul as gm
-  m = t * k
-  ks = jax.random.split(jax.random.key(1), 4)
-  x, dy = jax.random.normal(ks[0], (m, d)), jax.random.normal(ks[1], (m, 2 * f))
-  w = jax.random.normal(ks[2], (e, d, 2 * f))
-  sizes = jnp.full((e,), m // e, jnp.int32)
-  ops = {
-      "up fwd  [M,D]x[D,2F]": (lambda x, w: gm.gmm(x, w, sizes, backend="xla"),
-                               lambda x, w: x @ w[0], (x, w)),
-      "up d_lhs [M,2F]x[2F,D]": (lambda dy, w: gm.gmm(dy, w, sizes, backend="xla",
-                                                      transpose_rhs=True),
-                                 lambda dy, w: dy @ w[0].T, (dy, w)),
-      "up d_rhs (tgmm) [D,M]x[M,2F]": (lambda x, dy: gm.tgmm(x, dy, sizes, e),
-                                       lambda x, dy: x.T @ dy, (x, dy)),
+  m, h = t * k, k * f
+  idx, w = (jnp.asarray(a) for a in routing(t, e, k, kind))
+  plan = jax.jit(lambda i: plan_dropless(i, e))(idx)
+  sizes = plan.group_sizes
+  r = jax.random.split(jax.random.key(1), 8)
+  x, xs, up = (jax.random.normal(r[0], (t, d)), jax.random.normal(r[1], (m, d)),
+               jax.random.normal(r[2], (m, 2 * f)))
+  hs, ys = jax.random.normal(r[3], (m, f)), jax.random.normal(r[4], (m, d))
+  wi, wo = jax.random.normal(r[5], (e, d, 2 * f)), jax.random.normal(r[6], (e, f, d))
+  wd_up, wd_down = jax.random.normal(r[5], (d, 2 * h)), jax.random.normal(r[6], (h, d))
+  xt, upt, hst = (jax.random.normal(r[7], s_) for s_ in ((t, d), (t, 2 * h), (t, h)))
+  ct_rows, ct_tok = jax.random.normal(r[0], (m, d)), jax.random.normal(r[1], (t, d))
+  vjp = lambda fn, ct: (lambda *a: jax.vjp(fn, *a)[1](ct))
+  ops = {  # name: (moe fn, args, dense fn or None, dense args)
+      "router sort (plan)": (lambda i: plan_dropless(i, e).row_token, (idx,), None, ()),
+      "dispatch gather fwd+bwd": (lambda x: vjp(lambda x: dispatch(x, plan), ct_rows)(x), (x,),
+                                  None, ()),
+      "up gmm fwd": (lambda a, b: gm.gmm(a, b, sizes, backend="xla"), (xs, wi),
+                     lambda a, b: a @ b, (xt, wd_up)),
+      "up gmm d_lhs": (lambda a, b: gm.gmm(a, b, sizes, backend="xla", transpose_rhs=True),
+                       (up, wi), lambda a, b: a @ b.T, (upt, wd_up)),
+      "up tgmm (d_rhs)": (lambda a, b: gm.tgmm(a, b, sizes, e), (xs, up),
+                          lambda a, b: a.T @ b, (xt, upt)),
+      "swiglu fwd+bwd": (lambda u: vjp(lambda u: swiglu(u.reshape(-1, 2, f)), hs)(u), (up,),
+                         None, ()),
+      "down gmm fwd": (lambda a, b: gm.gmm(a, b, sizes, backend="xla"), (hs, wo),
+                       lambda a, b: a @ b, (hst, wd_down)),
+      "down gmm d_lhs": (lambda a, b: gm.gmm(a, b, sizes, backend="xla", transpose_rhs=True),
+                         (ys, wo), lambda a, b: a @ b.T, (xt, wd_down)),
+      "down tgmm (d_rhs)": (lambda a, b: gm.tgmm(a, b, sizes, e), (hs, ys),
+                            lambda a, b: a.T @ b, (hst, xt)),
+      "combine fwd+bwd": (lambda y, w_: vjp(lambda y, w_: combine(y, plan, w_), ct_tok)(y, w_),
+                          (ys, w), None, ()),
   }
   cases = []
-  for name, (grouped, dense, args) in ops.items():
-    for kind, fn in (("grouped", grouped), ("dense", dense)):
-      jf = jax.jit(fn)
-      cases.append(Case(f"{name} {kind}", lambda jf=jf, args=args: jax.block_until_ready(jf(*args))))
+  for name, (fn, args, dfn, dargs) in ops.items():
+    jf = jax.jit(fn)
+    cases.append(Case(name, lambda jf=jf, a=args: jax.block_until_ready(jf(*a))))
+    if dfn is not None:
+      jd = jax.jit(dfn)
+      cases.append(Case(name + " dense", lambda jd=jd, a=dargs: jax.block_until_ready(jd(*a))))
+  layer = moe_case(t, d, f, e, k, kind, "xla", jax.random.key(0))
+  cases.append(Case("layer", layer.run))
   sec = measure(cases, repeats)
-  out = {}
-  print(f"\nper-op profile (xla backend, M=T*k={m}, E={e} equal groups): grouped / dense time")
+  total = sum(sec[n] for n in ops)
+  out = {"shape": dict(T=t, D=d, F=f, E=e, k=k, routing=kind), "layer_s": sec["layer"],
+         "sum_s": total, "ops": {}}
+  print(f"\nper-op profile (xla backend, T={t} D={d} F={f} E={e} k={k} {kind}): component "
+        f"time, share of their sum, dense matmul of equal FLOPs")
   for name in ops:
-    ratio = sec[f"{name} dense"] / sec[f"{name} grouped"]
-    out[name] = {"grouped_s": sec[f"{name} grouped"], "dense_s": sec[f"{name} dense"],
-                 "x_dense": ratio}
-    print(f"  {name:32s} {sec[f'{name} grouped'] * 1e3:7.1f} ms vs {sec[f'{name} dense'] * 1e3:7.1f}"
-          f" ms  = {ratio:.2f}x dense", flush=True)
+    dn = sec.get(name + " dense")
+    out["ops"][name] = {"s": sec[name], "share": sec[name] / total, "dense_s": dn,
+                        "x_dense": dn / sec[name] if dn else None}
+    extra = f"  dense {dn * 1e3:7.1f} ms = {dn / sec[name]:.2f}x" if dn else ""
+    print(f"  {name:26s} {sec[name] * 1e3:7.1f} ms {sec[name] / total:6.1%}{extra}", flush=True)
+  print(f"  sum {total * 1e3:.1f} ms; the whole layer (one program) {sec['layer'] * 1e3:.1f} ms")
   return out
 
 
 def run_shape(name, t, d, f, e, k, kind, repeats):
   key = jax.random.key(0)
   cases = [dense_case(t, d, f, k, key)]
-  cases += [moe_case(t, d, f, e, k, kind, b, key) for b in _BACKENDS.value]
+  cases += [moe_case(t, d, f, e, k, kind, b, key) for b in _BACKENDS.value
+            if not (b.startswith("ragged_dot") and jax.default_backend() == "cpu"
+                    and t > RAGGED_MAX_T)]
   if _TORCH.value:
     cases.append(torch_case(t, d, f, e, k, kind))
   seconds = measure(cases, repeats)
@@ -268,10 +316,25 @@ def write_outputs(shapes, sweep, profile):
              for r in s["rows"] if r["peak_bytes"]]
     lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
   if profile:
-    lines += ["", "Per-op profile, balanced groups (grouped matmul time vs a dense matmul of equal "
-              "FLOPs):", "", "| op | grouped | dense | ratio |", "|---|---|---|---|"]
-    lines += [f"| {n} | {p['grouped_s'] * 1e3:.1f} ms | {p['dense_s'] * 1e3:.1f} ms | "
-              f"{p['x_dense']:.2f}x |" for n, p in profile.items()]
+    sh = profile["shape"]
+    lines += ["", f"Per-op profile, T={sh['T']} D={sh['D']} F={sh['F']} E={sh['E']} k={sh['k']} "
+              f"{sh['routing']} (each component alone; grouped matmuls beside a dense matmul of "
+              f"equal FLOPs):", "", "| component | time | share | dense equal-FLOPs | ratio |",
+              "|---|---|---|---|---|"]
+    for n, p in profile["ops"].items():
+      dense = (f"{p['dense_s'] * 1e3:.1f} ms | {p['x_dense']:.2f}x" if p["dense_s"] else " | ")
+      lines.append(f"| {n} | {p['s'] * 1e3:.1f} ms | {p['share']:.0%} | {dense} |")
+    lines.append(f"| sum / whole layer | {profile['sum_s'] * 1e3:.1f} ms / "
+                 f"{profile['layer_s'] * 1e3:.1f} ms | | | |")
+  if sweep:
+    impls = list(dict.fromkeys(r["impl"] for s in sweep for r in s["rows"]))
+    lines += ["", f"Sweep over tokens (balanced, D={sweep[0]['D']} F={sweep[0]['F']} "
+              f"E={sweep[0]['E']} k={sweep[0]['k']}), x dense:", "",
+              "| T | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+    for s in sweep:
+      by = {r["impl"]: r for r in s["rows"]}
+      lines.append(f"| {s['T']} | " + " | ".join(
+          f"{by[i]['x_dense']:.2f}x" if i in by else "-" for i in impls) + " |")
   table = "\n".join(lines)
   print("\n" + table)
   with open(os.path.join(_OUT.value, "results.md"), "w") as fh:
@@ -281,10 +344,9 @@ def write_outputs(shapes, sweep, profile):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for impl in [r["impl"] for r in sweep[0]["rows"]]:
-      xs = [s["T"] for s in sweep]
-      ys = [next(r["gflops"] for r in s["rows"] if r["impl"] == impl) for s in sweep]
-      ax.plot(xs, ys, marker="o", label=impl)
+    for impl in dict.fromkeys(r["impl"] for s in sweep for r in s["rows"]):
+      pts = [(s["T"], r["gflops"]) for s in sweep for r in s["rows"] if r["impl"] == impl]
+      ax.plot(*zip(*pts), marker="o", label=impl)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens T")
     ax.set_ylabel("useful GFLOP/s (fwd+bwd)")
@@ -311,9 +373,9 @@ def main(argv):
   for t in ((256, 512) if _QUICK.value else SWEEP_TOKENS) if _SWEEP.value else ():
     d, f, e, k = (128, 256, 16, 2) if _QUICK.value else (512, 1024, 16, 2)
     sweep.append(run_shape(f"sweep T={t}", t, d, f, e, k, "balanced", repeats))
-  t, d, f, e, k, _ = SHAPES["balanced E16 k2 F1024"]
-  profile = profile_ops(t // 8, d // 4, f // 4, e, k, 3) if _QUICK.value else profile_ops(
-      t, d, f, e, k, repeats)
+  t, d, f, e, k, kind = SHAPES["fine-grained E64 k6 F256"]
+  profile = profile_ops(t // 8, d // 4, f // 4, e, k, kind, 3) if _QUICK.value else profile_ops(
+      t, d, f, e, k, kind, repeats)
   write_outputs(shapes, sweep, profile)
 
 
