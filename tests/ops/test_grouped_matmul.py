@@ -204,3 +204,10 @@ def test_option_errors_name_the_setting():
     gm.gmm(lhs, rhs, jnp.array([4, 4]), existing_out=jnp.zeros((8, 3)))
   with pytest.raises(ValueError, match="contraction mismatch.*transpose_rhs"):
     gm.gmm(lhs, rhs, jnp.array([4, 4]), transpose_rhs=True)
+
+
+@pytest.mark.parametrize("rows,groups,want", [(1024, 16, 64), (3072, 64, 32), (24576, 64, 128),
+                                              (8192, 16, 128), (100, 16, 32), (7, 3, 32)])
+def test_default_tile_follows_the_mean_group(rows, groups, want):
+  """The largest power of two <= rows/groups, clamped to [32, 128] (the measured rule)."""
+  assert gm.default_tile_m(rows, groups) == want
