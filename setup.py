@@ -25,10 +25,13 @@ setuptools.setup(
         "scipy>=1.13",   # t quantiles for multi-seed comparisons
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.4",   # checkpoint conversion (moejax.convert)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "nbclient>=0.10",
                  "nbformat>=5.10", "ipykernel>=6.29"],
         "plots": ["matplotlib>=3.8"],
+        # conversion tests compare against transformers (torch: the CPU wheel, pinned in .ci/)
+        "convert-test": ["torch>=2.4", "transformers>=5"],
     },
 )

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from moejax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+from moejax.layers.attention import QK_NORMS
 from moejax.layers.moe import check_moe_fields
 from moejax.ops.grouped_matmul import backends as gmm_backends
 
@@ -32,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   m.norm_eps = 1e-6
   m.dtype = "float32"            # compute dtype; params stay float32
+  m.qkv_bias = False             # biases on the q/k/v projections (Qwen2-MoE)
+  m.qk_norm = "none"             # RMSNorm of q and k before RoPE: none | head (per head over
+                                 # head_dim: Qwen3-MoE) | full (all heads together: OLMoE)
   m.attention = "standard"       # standard | mixture_of_heads (MoH, moejax/layers/moh.py)
   m.moh = h = ml_collections.ConfigDict()
   h.shared_heads = 0             # always-on heads (the first ones)
@@ -50,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.expert_hidden = 512          # d_ff of one expert before segmentation
   e.segments = 1                 # m, fine-grained segmentation (DeepSeekMoE)
   e.num_shared_experts = 0       # K_s, in fine-grained experts
+  e.shared_expert_hidden = 0     # hidden size of the fused shared experts; 0 = K_s * d_ff/m
+  e.shared_expert_gate = False   # shared output x sigmoid(x @ w_g), a gate per token (Qwen2-MoE)
   e.router = "topk_softmax"
   e.expert_bank = "swiglu"       # routed experts: swiglu | ternary_swiglu (MoTE: {-1,0,1} x
                                  # scale, 8-bit activations, straight-through training)
@@ -216,6 +222,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
   _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads"))
+  _one_of(m.qk_norm, "model.qk_norm", QK_NORMS)
   if m.attention == "mixture_of_heads":
     _one_of(m.moh.gating, "model.moh.gating", ("code", "paper", "binary_ste"))
     _one_of(m.moh.router, "model.moh.router", ("learned", "query_norm"))

@@ -34,6 +34,10 @@ RULES = [
     ("train.warmup_steps", 8, "dense", r"train.warmup_steps: must be in \[0, train.steps=8\)"),
     ("train.steps", 0, "dense", r"train.steps: must be > 0"),
     ("sample.temperature", -1.0, "dense", r"sample.temperature: must be >= 0"),
+    ("model.qk_norm", "layer", "dense", r"model.qk_norm: got 'layer'; allowed: 'none', 'head', 'full'"),
+    ("model.moe.shared_expert_gate", True, "gshard", r"model.moe.shared_expert_gate: configures the shared experts, but model.moe.num_shared_experts=0"),
+    ("model.moe.shared_expert_hidden", 64, "gshard", r"model.moe.shared_expert_hidden: configures the shared experts"),
+    ("model.moe.shared_expert_hidden", -1, "deepseekmoe", r"model.moe.shared_expert_hidden: must be >= 0"),
 ]
 
 

@@ -143,6 +143,38 @@ def test_upcycling_commands():
       shutil.rmtree(d, ignore_errors=True)
 
 
+CONVERT_IN = "python -m moejax.convert --from=hf --to=moejax hf_model runs/imported"
+CONVERT_SAMPLE = "python run.py --workdir=runs/imported --mode=sample --config.sample.num_tokens=20"
+CONVERT_OUT = "python -m moejax.convert --from=moejax --to=hf runs/imported runs/exported_hf"
+
+
+@pytest.mark.slow
+@runs(CONVERT_IN, CONVERT_SAMPLE, CONVERT_OUT)
+def test_conversion_commands():
+  """The README's conversion commands on a tiny random Qwen2-MoE saved as `hf_model`."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  paths = [os.path.join(ROOT, p) for p in ("hf_model", "runs/imported", "runs/exported_hf")]
+  for p in paths:
+    shutil.rmtree(p, ignore_errors=True)
+  try:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24)
+    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(paths[0])
+    assert "imported qwen2_moe from hf_model" in _run(CONVERT_IN, ROOT)
+    out = _run(CONVERT_SAMPLE, ROOT)
+    assert out.strip()
+    assert "exported runs/imported as qwen2_moe" in _run(CONVERT_OUT, ROOT)
+    back = transformers.AutoModelForCausalLM.from_pretrained(paths[2])
+    assert type(back).__name__ == "Qwen2MoeForCausalLM"
+  finally:
+    for p in paths:
+      shutil.rmtree(p, ignore_errors=True)
+
+
 EP_COMMAND = ("XLA_FLAGS=--xla_force_host_platform_device_count=8 python run.py "
               "--config=configs/gshard.py --workdir=runs/ep --config.mesh.data=2 "
               "--config.mesh.expert=4")

@@ -3,6 +3,12 @@
 H query heads share G = num_kv_heads key/value heads (H % G == 0); G = H is multi-head attention,
 G = 1 multi-query. Scores and softmax in f32. Projections are explicit [D, heads, head_dim]
 weights so each axis carries its logical name.
+
+Options (each a field, usable from ``config.model``):
+  qkv_bias  biases on the query/key/value projections (Qwen2, Qwen2-MoE).
+  qk_norm   RMSNorm of queries and keys before RoPE: "head" normalises each head's vector over
+            head_dim with one scale shared by the heads (Qwen3, Qwen3-MoE); "full" normalises
+            the concatenation of all heads (H*head_dim for q, G*head_dim for k; OLMoE).
 """
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.layers.dense import kernel_init
+from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
+
+QK_NORMS = ("none", "head", "full")
 
 Array = jax.Array
 
@@ -22,6 +31,9 @@ class Attention(nn.Module):
   head_dim: int
   rope_theta: float = 10000.0
   dtype: jnp.dtype = jnp.float32
+  qkv_bias: bool = False
+  qk_norm: str = "none"
+  norm_eps: float = 1e-6
 
   def _weight(self, name, shape, axes, in_axis, out_axis):
     init = kernel_init(in_axis, out_axis)
@@ -45,9 +57,10 @@ class Attention(nn.Module):
     wv = self._weight("value", (d, g, dh), ("embed", "kv_heads", "kv"), 0, (1, 2))
     wo = self._weight("out", (h, dh, d), ("heads", "kv", "embed"), (0, 1), 2)
     heads, kv_heads = ("batch", "length", "heads", "kv"), ("batch", "length", "kv_heads", "kv")
-    q = apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), positions, self.rope_theta)
-    k = apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), positions, self.rope_theta)
-    v = jnp.einsum("bld,dhk->blhk", x, wv)
+    q, k, v = (self._project(x, w, name) for w, name in ((wq, "query"), (wk, "key"),
+                                                          (wv, "value")))
+    q = apply_rope(self._qk_norm(q, "query_norm"), positions, self.rope_theta)
+    k = apply_rope(self._qk_norm(k, "key_norm"), positions, self.rope_theta)
     q = nn.with_logical_constraint(q, heads)
     k, v = nn.with_logical_constraint(k, kv_heads), nn.with_logical_constraint(v, kv_heads)
     queries = q
@@ -59,3 +72,20 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
     return nn.with_logical_constraint(out, heads), wo, queries
+
+  def _project(self, x: Array, w: Array, name: str) -> Array:
+    y = jnp.einsum("bld,dhk->blhk", x, w)
+    if not self.qkv_bias:
+      return y
+    axes = ("heads", "kv") if name == "query" else ("kv_heads", "kv")
+    b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                   w.shape[1:], jnp.float32)
+    return y + b.astype(self.dtype)
+
+  def _qk_norm(self, y: Array, name: str) -> Array:
+    if self.qk_norm == "head":
+      return RMSNorm(self.norm_eps, self.dtype, axes=("kv",), name=name)(y)
+    if self.qk_norm == "full":
+      flat = y.reshape(*y.shape[:2], -1)
+      return RMSNorm(self.norm_eps, self.dtype, axes=(None,), name=name)(flat).reshape(y.shape)
+    return y

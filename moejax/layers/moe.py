@@ -25,7 +25,7 @@ from flax import linen as nn
 
 from moejax.errors import ConfigError
 from moejax.layers import losses
-from moejax.layers.dense import SwiGLU
+from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.ternary import TernarySwiGLUExperts
@@ -65,6 +65,13 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
   require(0 <= v["num_shared_experts"] < active, "num_shared_experts",
           f"must be in [0, segments*top_k={active}) so at least one expert is routed, "
           f"got {v['num_shared_experts']}")
+  require(v["shared_expert_hidden"] >= 0, "shared_expert_hidden",
+          f"must be >= 0 (0 = {ref('num_shared_experts')} x the expert hidden size), got "
+          f"{v['shared_expert_hidden']}")
+  for name, off in (("shared_expert_hidden", 0), ("shared_expert_gate", False)):
+    require(v[name] == off or v["num_shared_experts"] > 0, name,
+            f"configures the shared experts, but {ref('num_shared_experts')}=0; set it > 0 or "
+            f"leave {name} at {off!r}")
   require(v["router"] in ROUTERS, "router",
           f"got {v['router']!r}; allowed: {', '.join(map(repr, ROUTERS))}")
   require(v["expert_bank"] in EXPERT_BANKS, "expert_bank",
@@ -163,6 +170,8 @@ class MoESpec:
   expert_hidden: int             # d_ff of one unsegmented expert
   segments: int = 1              # m: each expert split into m experts of d_ff/m; m*K active
   num_shared_experts: int = 0    # K_s, counted in fine-grained experts, always active
+  shared_expert_hidden: int = 0  # hidden of the fused shared experts; 0 = K_s * d_ff/m
+  shared_expert_gate: bool = False   # shared output x sigmoid(x @ w_g) per token (Qwen2-MoE)
   router: str = "topk_softmax"
   expert_bank: str = "swiglu"    # routed experts: "swiglu" | "ternary_swiglu" (MoTE)
   shared_trainable: bool = True  # False: the shared experts are frozen (MoTE's default)
@@ -261,7 +270,7 @@ class MoESpec:
 
   @property
   def shared_hidden(self) -> int:     # K_s shared experts fused into one SwiGLU of K_s * d_ff/m
-    return self.num_shared_experts * self.fine_hidden
+    return self.shared_expert_hidden or self.num_shared_experts * self.fine_hidden
 
 
 def routing_metrics(routing: RoutingResult, num_dropped: Array) -> dict[str, Array]:
@@ -314,12 +323,23 @@ class MoEBlock(nn.Module):
         routing = router(h, deterministic=deterministic)
       y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep)
       if shared is not None:
-        y = y + shared(h.reshape(-1, x.shape[-1]))
+        y = y + self._shared(shared, h.reshape(-1, x.shape[-1]))
       self._record(routing, num_dropped)
       y = y.reshape(x.shape).astype(self.dtype)
       out = y if out is None else out + y
       h = h + y
     return (out, carry) if router_state is not None else out
+
+  def _shared(self, shared, tokens: Array) -> Array:
+    """The shared experts' output, with Qwen2-MoE's per-token gate sigmoid(x @ w_g) when
+    ``shared_expert_gate``."""
+    y = shared(tokens)
+    if not self.spec.shared_expert_gate:
+      return y
+    w = self.param("shared_gate", nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)),
+                   (tokens.shape[-1], 1), jnp.float32)
+    gate = jax.nn.sigmoid(tokens.astype(jnp.float32) @ w)
+    return (y.astype(jnp.float32) * gate).astype(y.dtype)
 
   def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int):
     """Routed experts' output [T, D] and the dropped-slot count, on one device or

@@ -36,6 +36,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"
+  qkv_bias: bool = False            # attention options (layers/attention.py)
+  qk_norm: str = "none"
   moe: Optional[MoESpec] = None     # None: every layer dense
   moe_every: int = 1
   first_dense_layers: int = 0
@@ -78,13 +80,16 @@ class DecoderLayer(nn.Module):
     layers unchanged (None for other routers)."""
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
+    options = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
     if c.moh is None:
-      attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, name="attn")
+      attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, **options,
+                       name="attn")
     else:
       shared, active, gating, router, weight = c.moh
       attn = MixtureOfHeadsAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
-                                     shared_heads=shared, active_heads=active, gating=gating,
-                                     router=router, balance_weight=weight, name="attn")
+                                     **options, shared_heads=shared, active_heads=active,
+                                     gating=gating, router=router, balance_weight=weight,
+                                     name="attn")
     x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None

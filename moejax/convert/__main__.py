@@ -1,0 +1,41 @@
+"""python -m moejax.convert --from=hf --to=moejax SRC DST   (or --from=moejax --to=hf)."""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_FROM = flags.DEFINE_enum("from", None, ["hf", "moejax"], "Source format.")
+_TO = flags.DEFINE_enum("to", None, ["hf", "moejax"], "Destination format.")
+_FAMILY = flags.DEFINE_string("family", None, "HF family for --to=hf (default: inferred).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                           "Tensor dtype written by --to=hf.")
+_SHARD = flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard (--to=hf).")
+flags.mark_flags_as_required(["from", "to"])
+
+
+def main(argv):
+  from moejax.errors import ConfigError, ConversionError
+  if len(argv) != 3:
+    raise app.UsageError("usage: python -m moejax.convert --from=hf --to=moejax SRC DST")
+  src, dst = argv[1:]
+  try:
+    if (_FROM.value, _TO.value) == ("hf", "moejax"):
+      from moejax.convert.hf import import_hf
+      out = import_hf(src, dst)
+      print(f"imported {out['family']} from {src} into the moejax workdir {dst}")
+    elif (_FROM.value, _TO.value) == ("moejax", "hf"):
+      from moejax.convert.hf import export_hf
+      out = export_hf(src, dst, family=_FAMILY.value, dtype=_DTYPE.value,
+                      max_shard_bytes=_SHARD.value << 20)
+      print(f"exported {src} as {out['family']} ({out['bytes'] / 2**20:.1f} MiB) into {dst}")
+    else:
+      raise app.UsageError(f"--from={_FROM.value} --to={_TO.value}: convert hf<->moejax")
+  except (ConversionError, ConfigError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

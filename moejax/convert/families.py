@@ -1,0 +1,298 @@
+"""Hugging Face MoE families as data: a config mapping and a name/reshape table per family.
+
+A table lists, for every moejax parameter, the Hugging Face tensors it is made of and one of a
+few transforms (``TRANSFORMS``): conversion in either direction walks the table, so a family is
+~30 lines of names, never code paths inside the model. The model-side differences are moejax
+options (``model.qk_norm``, ``model.qkv_bias``, ``model.moe.shared_expert_gate``, ...), usable
+for training from scratch too.
+
+  family       HF model_type  attention options        MoE block
+  mixtral      mixtral        -                        top-k softmax, renormalised
+  qwen3_moe    qwen3_moe      qk_norm=head             top-k softmax, norm_topk_prob
+  olmoe        olmoe          qk_norm=full             top-k softmax, norm_topk_prob
+  qwen2_moe    qwen2_moe      qkv_bias                 + one shared expert with a sigmoid gate
+
+Dense layers (Qwen ``decoder_sparse_step`` / a leading ``mlp_only_layers`` prefix) map to
+``model.moe.moe_every`` / ``first_dense_layers``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from moejax.errors import ConversionError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One moejax parameter <-> the HF tensors it is made of."""
+  path: tuple[str, ...]
+  hf: tuple[str, ...]
+  kind: str                 # a key of TRANSFORMS
+  n_in: int = 1             # "linear": how many leading moejax axes are the input
+
+
+def _linear_to(ts, shape, e):
+  return ts[0].T.reshape(shape)
+
+
+def _linear_from(a, e):
+  return [a.reshape(int(np.prod(a.shape[:e.n_in])), -1).T]
+
+
+def _gate_up_to(ts, shape, e):        # [.., D, 2, H] from (gate [H, D], up [H, D]) pairs
+  pairs = [np.stack([g.T, u.T], axis=1) for g, u in zip(ts[::2], ts[1::2])]
+  return (np.stack(pairs) if len(shape) == 4 else pairs[0]).reshape(shape)
+
+
+def _gate_up_from(a, e):
+  banks = a if a.ndim == 4 else a[None]
+  return [t for w in banks for t in (w[:, 0, :].T, w[:, 1, :].T)]
+
+
+def _down_to(ts, shape, e):           # [E, H, D] from down_e [D, H]
+  return np.stack([t.T for t in ts]).reshape(shape)
+
+
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda ts, shape, e: ts[0].reshape(shape),
+             lambda a, e: [a.reshape(-1) if a.ndim > 1 else a]),
+    "embed": (lambda ts, shape, e: ts[0].reshape(shape), lambda a, e: [a]),
+    "linear": (_linear_to, _linear_from),
+    "gate_up": (_gate_up_to, _gate_up_from),
+    "down": (_down_to, lambda a, e: [w.T for w in a]),
+}
+
+
+def hf_shapes(entry: Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+  """The HF tensor shapes an entry expects for a moejax parameter of ``shape``."""
+  if entry.kind == "embed":
+    return [shape]
+  if entry.kind == "copy":
+    return [(int(np.prod(shape)),)]
+  if entry.kind == "linear":
+    return [(int(np.prod(shape[entry.n_in:])), int(np.prod(shape[:entry.n_in])))]
+  if entry.kind == "gate_up":
+    e = shape[0] if len(shape) == 4 else 1
+    return [(shape[-1], shape[-3])] * (2 * e)
+  if entry.kind == "down":
+    return [(shape[2], shape[1])] * shape[0]
+  raise KeyError(entry.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  architecture: str                  # HF class name written to config.json
+  moe_prefix: str                    # "block_sparse_moe" (Mixtral) | "mlp"
+  expert_names: tuple[str, str, str]  # gate, up, down projections of one expert
+  qk_norm: str = "none"
+  qkv_bias: bool = False
+  shared_prefix: str | None = None   # Qwen2-MoE: "shared_expert" (+ "shared_expert_gate")
+  experts_key: str = "num_experts"
+  expert_hidden_key: str = "moe_intermediate_size"
+  default_renormalize: bool | None = None   # fixed (Mixtral) or read from norm_topk_prob
+
+
+FAMILIES = {f.name: f for f in (
+    Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
+           experts_key="num_local_experts", expert_hidden_key="intermediate_size",
+           default_renormalize=True),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+           qk_norm="head"),
+    Family("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+           qk_norm="full", expert_hidden_key="intermediate_size"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+           qkv_bias=True, shared_prefix="shared_expert"),
+)}
+
+
+def table(fam: Family, cfg) -> list[Entry]:
+  """Every parameter of the moejax ``ModelConfig`` ``cfg`` with its HF tensors."""
+  out = [Entry(("embed", "embedding"), ("model.embed_tokens.weight",), "embed"),
+         Entry(("final_norm", "scale"), ("model.norm.weight",), "copy"),
+         Entry(("unembed",), ("lm_head.weight",), "linear")]
+  for i in range(cfg.num_layers):
+    hf, mx = f"model.layers.{i}.", f"layer_{i}"
+    a = hf + "self_attn."
+    out += [Entry((mx, "attn_norm", "scale"), (hf + "input_layernorm.weight",), "copy"),
+            Entry((mx, "ffn_norm", "scale"), (hf + "post_attention_layernorm.weight",), "copy"),
+            Entry((mx, "attn", "query"), (a + "q_proj.weight",), "linear"),
+            Entry((mx, "attn", "key"), (a + "k_proj.weight",), "linear"),
+            Entry((mx, "attn", "value"), (a + "v_proj.weight",), "linear"),
+            Entry((mx, "attn", "out"), (a + "o_proj.weight",), "linear", n_in=2)]
+    if cfg.qkv_bias:
+      out += [Entry((mx, "attn", f"{n}_bias"), (a + f"{p}_proj.bias",), "copy")
+              for n, p in (("query", "q"), ("key", "k"), ("value", "v"))]
+    if cfg.qk_norm != "none":
+      out += [Entry((mx, "attn", "query_norm", "scale"), (a + "q_norm.weight",), "copy"),
+              Entry((mx, "attn", "key_norm", "scale"), (a + "k_norm.weight",), "copy")]
+    gate, up, down = fam.expert_names
+    if cfg.is_moe_layer(i):
+      m, s = hf + fam.moe_prefix + ".", cfg.moe
+      ex = lambda n: tuple(f"{m}experts.{e}.{n}.weight" for e in range(s.num_routed))
+      out += [Entry((mx, "moe", "router", "kernel"), (m + "gate.weight",), "linear"),
+              Entry((mx, "moe", "experts", "wi"),
+                    tuple(t for pair in zip(ex(gate), ex(up)) for t in pair), "gate_up"),
+              Entry((mx, "moe", "experts", "wo"), ex(down), "down")]
+      if s.num_shared_experts:
+        sh = f"{m}{fam.shared_prefix}."
+        out += [Entry((mx, "moe", "shared", "wi"),
+                      (sh + "gate_proj.weight", sh + "up_proj.weight"), "gate_up"),
+                Entry((mx, "moe", "shared", "wo"), (sh + "down_proj.weight",), "linear")]
+      if s.shared_expert_gate:
+        out.append(Entry((mx, "moe", "shared_gate"), (m + "shared_expert_gate.weight",),
+                         "linear"))
+    else:
+      m = hf + "mlp."
+      out += [Entry((mx, "ffn", "wi"), (m + "gate_proj.weight", m + "up_proj.weight"),
+                    "gate_up"),
+              Entry((mx, "ffn", "wo"), (m + "down_proj.weight",), "linear")]
+  return out
+
+
+# ----------------------------------------------------------------------------- configs
+def _unsupported(key, value, why):
+  raise ConversionError(f"HF config {key}={value!r} is not supported: {why}")
+
+
+def family_of(hf: dict) -> Family:
+  mt = hf.get("model_type")
+  if mt not in FAMILIES:
+    raise ConversionError(f"HF model_type={mt!r} (architectures={hf.get('architectures')}) is "
+                          f"not supported; supported: {', '.join(FAMILIES)}")
+  return FAMILIES[mt]
+
+
+def _rope_theta(hf: dict) -> float:
+  rope = hf.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    _unsupported("rope_parameters.rope_type", rope.get("rope_type"), "only plain RoPE ('default')")
+  if hf.get("rope_scaling"):
+    _unsupported("rope_scaling", hf["rope_scaling"], "only plain RoPE")
+  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _dense_layers(fam: Family, hf: dict) -> tuple[int, int]:
+  """(first_dense_layers, moe_every) from Qwen's decoder_sparse_step / mlp_only_layers."""
+  step = int(hf.get("decoder_sparse_step", 1) or 1)
+  only = sorted(hf.get("mlp_only_layers") or [])
+  if only and (only != list(range(len(only))) or step != 1):
+    _unsupported("mlp_only_layers", only, "only a leading prefix of dense layers (0..n-1) with "
+                 "decoder_sparse_step=1")
+  return (len(only), 1) if only else (step - 1, step)
+
+
+def config_from_hf(hf: dict) -> tuple[Family, dict]:
+  """-> (family, flat moejax config overrides) for an HF config.json dict."""
+  fam = family_of(hf)
+  if hf.get("hidden_act", "silu") != "silu":
+    _unsupported("hidden_act", hf["hidden_act"], "experts and FFNs are SwiGLU (silu)")
+  if hf.get("use_sliding_window") or (hf.get("sliding_window") and
+                                      "use_sliding_window" not in hf):
+    _unsupported("sliding_window", hf.get("sliding_window"), "full causal attention only")
+  if hf.get("clip_qkv") is not None:
+    _unsupported("clip_qkv", hf["clip_qkv"], "no clipping of q/k/v")
+  if hf.get("attention_bias"):
+    _unsupported("attention_bias", True, "biases only on q/k/v (Qwen2-MoE's qkv_bias)")
+  heads = hf["num_attention_heads"]
+  first_dense, every = _dense_layers(fam, hf)
+  renorm = (fam.default_renormalize if fam.default_renormalize is not None
+            else bool(hf.get("norm_topk_prob", False)))
+  o = {
+      "model.vocab_size": hf["vocab_size"], "model.d_model": hf["hidden_size"],
+      "model.num_layers": hf["num_hidden_layers"], "model.num_heads": heads,
+      "model.num_kv_heads": hf.get("num_key_value_heads") or heads,
+      "model.head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+      "model.ffn_hidden": hf["intermediate_size"], "model.rope_theta": _rope_theta(hf),
+      "model.norm_eps": float(hf["rms_norm_eps"]), "model.qk_norm": fam.qk_norm,
+      "model.qkv_bias": fam.qkv_bias,
+      "model.moe.routed_experts": hf.get(fam.experts_key) or hf.get("num_local_experts")
+                                  or hf["num_experts"],
+      "model.moe.active_experts": hf["num_experts_per_tok"],
+      "model.moe.expert_hidden": hf[fam.expert_hidden_key],
+      "model.moe.router": "topk_softmax", "model.moe.renormalize": renorm,
+      "model.moe.first_dense_layers": first_dense, "model.moe.moe_every": every,
+      "model.moe.load_balance_weight": float(hf.get("router_aux_loss_coef", 0.01)),
+      "model.moe.jitter_eps": float(hf.get("router_jitter_noise", 0.0) or 0.0),
+  }
+  if fam.shared_prefix:
+    o.update({"model.moe.num_shared_experts": 1,
+              "model.moe.shared_expert_hidden": hf["shared_expert_intermediate_size"],
+              "model.moe.shared_expert_gate": True})
+  return fam, o
+
+
+def infer_family(cfg) -> Family:
+  """The HF family a moejax model (``ModelConfig``) can be exported as, or ConversionError."""
+  s = cfg.moe
+  if s is None:
+    raise ConversionError("model.moe: export to an HF MoE family needs an MoE model")
+  for fam in FAMILIES.values():
+    if (fam.qk_norm == cfg.qk_norm and fam.qkv_bias == cfg.qkv_bias
+        and bool(fam.shared_prefix) == bool(s.num_shared_experts)
+        and (fam.default_renormalize is None or fam.default_renormalize == s.renormalize)
+        and (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0))):
+      return fam
+  raise ConversionError(
+      f"no HF family matches this model (qk_norm={cfg.qk_norm!r}, qkv_bias={cfg.qkv_bias}, "
+      f"shared experts={s.num_shared_experts}, renormalize={s.renormalize}); supported: "
+      f"{', '.join(FAMILIES)}")
+
+
+def check_exportable(fam: Family, cfg) -> None:
+  """Refuses, naming the setting, any moejax option the HF family cannot express."""
+  s = cfg.moe
+  checks = [
+      (cfg.moh is None, "model.attention", "mixture_of_heads has no HF counterpart yet"),
+      (cfg.qk_norm == fam.qk_norm, "model.qk_norm", f"{fam.name} uses {fam.qk_norm!r}"),
+      (cfg.qkv_bias == fam.qkv_bias, "model.qkv_bias", f"{fam.name} uses {fam.qkv_bias}"),
+      (s.router == "topk_softmax" and not s.null_experts, "model.moe.router",
+       f"{fam.name} routes by top-k softmax without null experts"),
+      (s.expert_bank == "swiglu", "model.moe.expert_bank", "HF experts are full-precision SwiGLU"),
+      (s.merge == "none" and s.iterations == 1, "model.moe.merge/iterations",
+       "soft merging and Chain-of-Experts have no HF counterpart"),
+      (fam.default_renormalize is None or s.renormalize == fam.default_renormalize,
+       "model.moe.renormalize", f"{fam.name} always renormalises the top-k gates"),
+      (bool(fam.shared_prefix) == bool(s.num_shared_experts)
+       and (not fam.shared_prefix or (s.num_shared_experts == 1 and s.shared_expert_gate)),
+       "model.moe.num_shared_experts",
+       f"{fam.name} has {'one gated shared expert' if fam.shared_prefix else 'no shared experts'}"),
+      (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0),
+       "model.moe.moe_every", "Mixtral has no dense layers"),
+  ]
+  for ok, key, why in checks:
+    if not ok:
+      raise ConversionError(f"cannot export as {fam.name}: {key}: {why}")
+
+
+def config_to_hf(fam: Family, cfg) -> dict:
+  s = cfg.moe
+  out = {
+      "architectures": [fam.architecture], "model_type": fam.name, "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden, "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      fam.experts_key: s.num_routed, "num_experts_per_tok": s.routed_k,
+      fam.expert_hidden_key: s.fine_hidden, "router_aux_loss_coef": s.load_balance_weight,
+  }
+  if fam.default_renormalize is None:
+    out["norm_topk_prob"] = s.renormalize
+  if fam.name in ("qwen3_moe", "qwen2_moe"):
+    every, first = cfg.moe_every, cfg.first_dense_layers
+    out.update(decoder_sparse_step=every,
+               mlp_only_layers=list(range(first)) if every == 1 else [])
+    if every > 1 and first != every - 1:
+      raise ConversionError(f"cannot export as {fam.name}: model.moe.first_dense_layers="
+                            f"{first} with moe_every={every}: Qwen's "
+                            "decoder_sparse_step puts MoE layers at moe_every-1, 2*moe_every-1,..")
+  if fam.name == "olmoe" and cfg.first_dense_layers:
+    raise ConversionError("cannot export as olmoe: model.moe.first_dense_layers: OLMoE has no "
+                          "dense layers")
+  if fam.shared_prefix:
+    out.update(qkv_bias=True, shared_expert_intermediate_size=s.shared_hidden)
+  return out
