@@ -109,23 +109,26 @@ def load_hf_params(src: str, config, fam, progress: bool = False) -> dict:
 
 
 def _write_workdir(workdir: str, config, params) -> str:
-  """config.json + step 0 (params, fresh optimizer state) via the Trainer's own checkpointing,
-  so the workdir restores exactly like one moejax trained."""
+  """config.json + step 0 {step, params, fresh optimizer state} in the layout the Trainer
+  restores (tested: eval/sample/train on the result), without building a Trainer (whose random
+  initialisation would only be thrown away)."""
+  from moejax.api import build_model
   from moejax.train import workdir as workdir_lib
-  from moejax.train.trainer import Trainer
+  from moejax.train.checkpoint import Checkpointer
+  from moejax.train.optimizer import frozen_mask, make_optimizer
   if workdir_lib.latest_checkpoint(workdir) is not None:
     raise ConversionError(f"{workdir}: already holds a checkpoint; convert into a new directory")
   tmp = os.path.abspath(workdir).rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    trainer = Trainer(config, tmp, restore=False)
-    placed = jax.device_put(params, trainer.shardings["params"])
-    trainer.state = {"step": trainer.state["step"], "params": placed,
-                     "opt_state": jax.jit(trainer.tx.init,
-                                          out_shardings=trainer.shardings["opt_state"])(placed)}
+    tx = make_optimizer(config.train, frozen_mask(build_model(config).cfg))
+    state = {"step": np.zeros((), np.int32), "params": params,
+             "opt_state": jax.device_get(tx.init(params))}
+    os.makedirs(tmp)
     workdir_lib.save_config(tmp, config)
-    trainer.save()
-    trainer.close()
+    ckpt = Checkpointer(tmp, keep=config.train.keep_checkpoints)
+    ckpt.save(0, state)
+    ckpt.close()
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
