@@ -36,7 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.qkv_bias = False             # biases on the q/k/v projections (Qwen2-MoE)
   m.qk_norm = "none"             # RMSNorm of q and k before RoPE: none | head (per head over
                                  # head_dim: Qwen3-MoE) | full (all heads together: OLMoE)
-  m.attention = "standard"       # standard | mixture_of_heads (MoH, moejax/layers/moh.py)
+  m.attention = "standard"       # standard | mixture_of_heads (MoH, moejax/layers/moh.py) |
+                                 # latent (multi-head latent attention, DeepSeek-V2/V3)
+  m.mla = a = ml_collections.ConfigDict()   # attention="latent" (moejax/layers/mla.py)
+  a.q_lora_rank = 0              # 0 = full-rank query projection
+  a.kv_lora_rank = 64            # r_kv: the per-token latent keys and values come from
+  a.qk_nope_head_dim = 32        # per-head query/key dimensions without RoPE
+  a.qk_rope_head_dim = 16        # decoupled RoPE dimensions (one key shared by the heads)
+  a.v_head_dim = 32
   m.moh = h = ml_collections.ConfigDict()
   h.shared_heads = 0             # always-on heads (the first ones)
   h.active_heads = 2             # routed heads per token (top-K of num_heads - shared_heads)
@@ -221,7 +228,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
-  _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads"))
+  _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads", "latent"))
+  if m.attention == "latent":
+    _require(m.mla.q_lora_rank >= 0, "model.mla.q_lora_rank",
+             f"must be >= 0 (0 = full-rank queries), got {m.mla.q_lora_rank}")
+    _positive(m.mla, "model.mla", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+              "v_head_dim")
+    _require(m.mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
+             f"must be even for RoPE, got {m.mla.qk_rope_head_dim}")
+    _require(m.qk_norm == "none" and not m.qkv_bias, "model.attention",
+             "'latent' has its own normalisations and no q/k/v biases: leave model.qk_norm="
+             "'none' and model.qkv_bias=False")
   _one_of(m.qk_norm, "model.qk_norm", QK_NORMS)
   if m.attention == "mixture_of_heads":
     _one_of(m.moh.gating, "model.moh.gating", ("code", "paper", "binary_ste"))

@@ -76,3 +76,15 @@ def test_shipped_configs_have_equal_active_ffn_size():
     s = m.moe
     assert s.routed_k * s.fine_hidden + s.shared_hidden == 512, name
     assert s.num_routed * s.fine_hidden + s.shared_hidden == 4096, name
+
+
+def test_latent_attention_rules():
+  c = tiny_config("deepseekmoe")
+  c.model.attention = "latent"
+  validate(c)
+  c.model.mla.qk_rope_head_dim = 3
+  with pytest.raises(ConfigError, match=r"model.mla.qk_rope_head_dim: must be even for RoPE"):
+    validate(c)
+  c.model.mla.qk_rope_head_dim, c.model.qk_norm = 4, "head"
+  with pytest.raises(ConfigError, match=r"model.attention: 'latent' has its own normalisations"):
+    validate(c)

@@ -11,6 +11,9 @@ for training from scratch too.
   qwen3_moe    qwen3_moe      qk_norm=head             top-k softmax, norm_topk_prob
   olmoe        olmoe          qk_norm=full             top-k softmax, norm_topk_prob
   qwen2_moe    qwen2_moe      qkv_bias                 + one shared expert with a sigmoid gate
+  deepseek_v3  deepseek_v3    attention=latent (MLA)   sigmoid router with selection bias and
+                                                       group-limited top-k, shared experts,
+                                                       first_k_dense_replace dense layers
 
 Dense layers (Qwen ``decoder_sparse_step`` / a leading ``mlp_only_layers`` prefix) map to
 ``model.moe.moe_every`` / ``first_dense_layers``.
@@ -32,14 +35,29 @@ class Entry:
   hf: tuple[str, ...]
   kind: str                 # a key of TRANSFORMS
   n_in: int = 1             # "linear": how many leading moejax axes are the input
+  # "linear" with interleaved RoPE rows in the HF weight (DeepSeek): (block, offset, d_rope):
+  # in every block of `block` output rows, rows offset..offset+d_rope-1 hold RoPE pairs
+  # (x0, x1), (x2, x3), ... that moejax's rotate-half layout wants as (x0, x2, ..| x1, x3, ..).
+  rope: tuple[int, int, int] | None = None
+
+
+def _rope_perm(n_rows: int, rope) -> np.ndarray:
+  block, offset, dr = rope
+  perm = np.arange(n_rows)
+  inner = np.concatenate([np.arange(0, dr, 2), np.arange(1, dr, 2)]) + offset
+  for b0 in range(0, n_rows, block):
+    perm[b0 + offset:b0 + offset + dr] = b0 + inner
+  return perm
 
 
 def _linear_to(ts, shape, e):
-  return ts[0].T.reshape(shape)
+  t = ts[0] if e.rope is None else ts[0][_rope_perm(ts[0].shape[0], e.rope)]
+  return t.T.reshape(shape)
 
 
 def _linear_from(a, e):
-  return [a.reshape(int(np.prod(a.shape[:e.n_in])), -1).T]
+  t = a.reshape(int(np.prod(a.shape[:e.n_in])), -1).T
+  return [t if e.rope is None else t[np.argsort(_rope_perm(t.shape[0], e.rope))]]
 
 
 def _gate_up_to(ts, shape, e):        # [.., D, 2, H] from (gate [H, D], up [H, D]) pairs
@@ -94,6 +112,9 @@ class Family:
   experts_key: str = "num_experts"
   expert_hidden_key: str = "moe_intermediate_size"
   default_renormalize: bool | None = None   # fixed (Mixtral) or read from norm_topk_prob
+  attention: str = "standard"        # "standard" | "latent" (MLA)
+  router: str = "topk_softmax"       # "topk_softmax" | "sigmoid" (bias + groups)
+  shared_gate: bool = False          # Qwen2-MoE's sigmoid gate on the shared expert
 
 
 FAMILIES = {f.name: f for f in (
@@ -105,12 +126,34 @@ FAMILIES = {f.name: f for f in (
     Family("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
            qk_norm="full", expert_hidden_key="intermediate_size"),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-           qkv_bias=True, shared_prefix="shared_expert"),
+           qkv_bias=True, shared_prefix="shared_expert", shared_gate=True),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
+           shared_prefix="shared_experts", experts_key="n_routed_experts", attention="latent",
+           router="sigmoid"),
 )}
 
 
-def table(fam: Family, cfg) -> list[Entry]:
-  """Every parameter of the moejax ``ModelConfig`` ``cfg`` with its HF tensors."""
+def _mla_entries(a: str, mx: str, cfg, rope_interleave: bool) -> list[Entry]:
+  q_rank, kv_rank, dn, dr, dv = cfg.mla
+  rope = lambda block, offset: (block, offset, dr) if rope_interleave else None
+  out = [Entry((mx, "attn", "kv_down"), (a + "kv_a_proj_with_mqa.weight",), "linear",
+               rope=rope(kv_rank + dr, kv_rank)),
+         Entry((mx, "attn", "kv_norm", "scale"), (a + "kv_a_layernorm.weight",), "copy"),
+         Entry((mx, "attn", "kv_up"), (a + "kv_b_proj.weight",), "linear"),
+         Entry((mx, "attn", "out"), (a + "o_proj.weight",), "linear", n_in=2)]
+  if q_rank:
+    out += [Entry((mx, "attn", "q_down"), (a + "q_a_proj.weight",), "linear"),
+            Entry((mx, "attn", "q_norm", "scale"), (a + "q_a_layernorm.weight",), "copy"),
+            Entry((mx, "attn", "q_up"), (a + "q_b_proj.weight",), "linear", rope=rope(dn + dr, dn))]
+  else:
+    out.append(Entry((mx, "attn", "query"), (a + "q_proj.weight",), "linear",
+                     rope=rope(dn + dr, dn)))
+  return out
+
+
+def table(fam: Family, cfg, rope_interleave: bool = False) -> list[Entry]:
+  """Every parameter of the moejax ``ModelConfig`` ``cfg`` with its HF tensors
+  (``rope_interleave``: DeepSeek's interleaved RoPE rows, see ``Entry.rope``)."""
   out = [Entry(("embed", "embedding"), ("model.embed_tokens.weight",), "embed"),
          Entry(("final_norm", "scale"), ("model.norm.weight",), "copy"),
          Entry(("unembed",), ("lm_head.weight",), "linear")]
@@ -118,11 +161,14 @@ def table(fam: Family, cfg) -> list[Entry]:
     hf, mx = f"model.layers.{i}.", f"layer_{i}"
     a = hf + "self_attn."
     out += [Entry((mx, "attn_norm", "scale"), (hf + "input_layernorm.weight",), "copy"),
-            Entry((mx, "ffn_norm", "scale"), (hf + "post_attention_layernorm.weight",), "copy"),
-            Entry((mx, "attn", "query"), (a + "q_proj.weight",), "linear"),
-            Entry((mx, "attn", "key"), (a + "k_proj.weight",), "linear"),
-            Entry((mx, "attn", "value"), (a + "v_proj.weight",), "linear"),
-            Entry((mx, "attn", "out"), (a + "o_proj.weight",), "linear", n_in=2)]
+            Entry((mx, "ffn_norm", "scale"), (hf + "post_attention_layernorm.weight",), "copy")]
+    if cfg.mla is not None:
+      out += _mla_entries(a, mx, cfg, rope_interleave)
+    else:
+      out += [Entry((mx, "attn", "query"), (a + "q_proj.weight",), "linear"),
+              Entry((mx, "attn", "key"), (a + "k_proj.weight",), "linear"),
+              Entry((mx, "attn", "value"), (a + "v_proj.weight",), "linear"),
+              Entry((mx, "attn", "out"), (a + "o_proj.weight",), "linear", n_in=2)]
     if cfg.qkv_bias:
       out += [Entry((mx, "attn", f"{n}_bias"), (a + f"{p}_proj.bias",), "copy")
               for n, p in (("query", "q"), ("key", "k"), ("value", "v"))]
@@ -133,6 +179,9 @@ def table(fam: Family, cfg) -> list[Entry]:
     if cfg.is_moe_layer(i):
       m, s = hf + fam.moe_prefix + ".", cfg.moe
       ex = lambda n: tuple(f"{m}experts.{e}.{n}.weight" for e in range(s.num_routed))
+      if s.router == "sigmoid":
+        out.append(Entry((mx, "moe", "router", "selection_bias"),
+                         (m + "gate.e_score_correction_bias",), "copy"))
       out += [Entry((mx, "moe", "router", "kernel"), (m + "gate.weight",), "linear"),
               Entry((mx, "moe", "experts", "wi"),
                     tuple(t for pair in zip(ex(gate), ex(up)) for t in pair), "gate_up"),
@@ -218,11 +267,37 @@ def config_from_hf(hf: dict) -> tuple[Family, dict]:
       "model.moe.load_balance_weight": float(hf.get("router_aux_loss_coef", 0.01)),
       "model.moe.jitter_eps": float(hf.get("router_jitter_noise", 0.0) or 0.0),
   }
-  if fam.shared_prefix:
+  if fam.shared_gate:
     o.update({"model.moe.num_shared_experts": 1,
               "model.moe.shared_expert_hidden": hf["shared_expert_intermediate_size"],
               "model.moe.shared_expert_gate": True})
+  if fam.name == "deepseek_v3":
+    o.update(_deepseek_v3(hf))
   return fam, o
+
+
+def _deepseek_v3(hf: dict) -> dict:
+  if int(hf.get("moe_layer_freq", 1) or 1) != 1:
+    _unsupported("moe_layer_freq", hf["moe_layer_freq"], "every layer after the first "
+                 "first_k_dense_replace is MoE")
+  if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+    _unsupported("topk_method", hf["topk_method"], "DeepSeek-V3's noaux_tc routing only")
+  heads, dn, dr = hf["num_attention_heads"], hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+  return {
+      "model.attention": "latent", "model.num_kv_heads": heads, "model.head_dim": dn + dr,
+      "model.mla.q_lora_rank": hf.get("q_lora_rank") or 0,
+      "model.mla.kv_lora_rank": hf["kv_lora_rank"], "model.mla.qk_nope_head_dim": dn,
+      "model.mla.qk_rope_head_dim": dr, "model.mla.v_head_dim": hf["v_head_dim"],
+      "model.moe.num_shared_experts": hf.get("n_shared_experts") or 0,
+      "model.moe.router": "sigmoid",
+      "model.moe.routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+      "model.moe.num_expert_groups": hf.get("n_group") or 1,
+      "model.moe.groups_per_token": hf.get("topk_group") or 1,
+      "model.moe.group_mask_fill": "neg_inf",
+      "model.moe.first_dense_layers": hf.get("first_k_dense_replace", 0),
+      "model.moe.moe_every": 1, "model.moe.load_balance_weight": 0.0,
+      "model.moe.jitter_eps": 0.0,
+  }
 
 
 def infer_family(cfg) -> Family:
@@ -232,7 +307,9 @@ def infer_family(cfg) -> Family:
     raise ConversionError("model.moe: export to an HF MoE family needs an MoE model")
   for fam in FAMILIES.values():
     if (fam.qk_norm == cfg.qk_norm and fam.qkv_bias == cfg.qkv_bias
-        and bool(fam.shared_prefix) == bool(s.num_shared_experts)
+        and fam.attention == ("latent" if cfg.mla is not None else "standard")
+        and fam.router == s.router and fam.shared_gate == s.shared_expert_gate
+        and (bool(fam.shared_prefix) == bool(s.num_shared_experts) or fam.name == "deepseek_v3")
         and (fam.default_renormalize is None or fam.default_renormalize == s.renormalize)
         and (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0))):
       return fam
@@ -247,19 +324,31 @@ def check_exportable(fam: Family, cfg) -> None:
   s = cfg.moe
   checks = [
       (cfg.moh is None, "model.attention", "mixture_of_heads has no HF counterpart yet"),
+      ((cfg.mla is not None) == (fam.attention == "latent"), "model.attention",
+       f"{fam.name} uses {fam.attention!r} attention"),
       (cfg.qk_norm == fam.qk_norm, "model.qk_norm", f"{fam.name} uses {fam.qk_norm!r}"),
       (cfg.qkv_bias == fam.qkv_bias, "model.qkv_bias", f"{fam.name} uses {fam.qkv_bias}"),
-      (s.router == "topk_softmax" and not s.null_experts, "model.moe.router",
-       f"{fam.name} routes by top-k softmax without null experts"),
+      (s.router == fam.router and not s.null_experts, "model.moe.router",
+       f"{fam.name} routes with {fam.router!r} (no null experts)"),
+      (s.router != "sigmoid" or (s.group_mask_fill == "neg_inf" and s.group_routing == "limited"
+                                 and s.sequence_balance_weight == 0),
+       "model.moe.group_mask_fill/group_routing",
+       "DeepSeek-V3 masks other groups with -inf, group-limited"),
       (s.expert_bank == "swiglu", "model.moe.expert_bank", "HF experts are full-precision SwiGLU"),
       (s.merge == "none" and s.iterations == 1, "model.moe.merge/iterations",
        "soft merging and Chain-of-Experts have no HF counterpart"),
       (fam.default_renormalize is None or s.renormalize == fam.default_renormalize,
        "model.moe.renormalize", f"{fam.name} always renormalises the top-k gates"),
-      (bool(fam.shared_prefix) == bool(s.num_shared_experts)
-       and (not fam.shared_prefix or (s.num_shared_experts == 1 and s.shared_expert_gate)),
+      (fam.name == "deepseek_v3" or (
+          bool(fam.shared_prefix) == bool(s.num_shared_experts)
+          and (not fam.shared_prefix or (s.num_shared_experts == 1 and s.shared_expert_gate))),
        "model.moe.num_shared_experts",
        f"{fam.name} has {'one gated shared expert' if fam.shared_prefix else 'no shared experts'}"),
+      (fam.shared_gate == s.shared_expert_gate, "model.moe.shared_expert_gate",
+       f"{fam.name} {'gates' if fam.shared_gate else 'does not gate'} its shared expert"),
+      (fam.name != "deepseek_v3" or not s.shared_expert_hidden
+       or s.shared_expert_hidden == s.num_shared_experts * s.fine_hidden,
+       "model.moe.shared_expert_hidden", "DeepSeek-V3's shared experts have the experts' width"),
       (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0),
        "model.moe.moe_every", "Mixtral has no dense layers"),
   ]
@@ -293,6 +382,16 @@ def config_to_hf(fam: Family, cfg) -> dict:
   if fam.name == "olmoe" and cfg.first_dense_layers:
     raise ConversionError("cannot export as olmoe: model.moe.first_dense_layers: OLMoE has no "
                           "dense layers")
-  if fam.shared_prefix:
+  if fam.shared_gate:
     out.update(qkv_bias=True, shared_expert_intermediate_size=s.shared_hidden)
+  if fam.name == "deepseek_v3":
+    q_rank, kv_rank, dn, dr, dv = cfg.mla
+    out.update(num_key_value_heads=cfg.num_heads, head_dim=dr, q_lora_rank=q_rank or None,
+               kv_lora_rank=kv_rank, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
+               rope_interleave=True, n_shared_experts=s.num_shared_experts,
+               n_group=s.num_expert_groups, topk_group=s.groups_per_token,
+               routed_scaling_factor=s.routed_scaling_factor, norm_topk_prob=s.renormalize,
+               first_k_dense_replace=cfg.first_dense_layers, topk_method="noaux_tc")
+    if cfg.moe_every != 1:
+      raise ConversionError("cannot export as deepseek_v3: model.moe.moe_every must be 1")
   return out

@@ -73,11 +73,12 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def load_hf_params(src: str, config, fam, progress: bool = False) -> dict:
+def load_hf_params(src: str, config, fam, progress: bool = False,
+                   rope_interleave: bool = False) -> dict:
   """The moejax parameter tree (float32 NumPy) of the HF checkpoint in ``src``."""
   model, shapes = _abstract_params(config)
   source = TensorSource(src)
-  entries = families.table(fam, model.cfg)
+  entries = families.table(fam, model.cfg, rope_interleave=bool(rope_interleave))
   tied = "lm_head.weight" not in source.weight_map
   params, used = {}, set()
   for entry in _progress(entries, f"import {fam.name}", progress):
@@ -150,14 +151,17 @@ def import_hf(src: str, workdir: str, *, overrides: dict | None = None,
   if overrides:
     from moejax import config as config_lib
     config = config_lib.apply_overrides(config, overrides)
-  params = load_hf_params(src, config, fam, progress)
+  params = load_hf_params(src, config, fam, progress,
+                          rope_interleave=hf.get("rope_interleave", False))
   _write_workdir(workdir, config, params)
   return {"family": fam.name, "config": config, "workdir": workdir}
 
 
 def params_to_hf(params, cfg, fam, dtype: str = "float32", progress: bool = False):
-  """Yields (HF name, NumPy array) for every tensor of the family's table."""
-  for entry in _progress(families.table(fam, cfg), f"export {fam.name}", progress):
+  """Yields (HF name, NumPy array) for every tensor of the family's table. MLA weights are
+  written in DeepSeek's interleaved-RoPE layout (``rope_interleave: true``, as released)."""
+  table = families.table(fam, cfg, rope_interleave=fam.attention == "latent")
+  for entry in _progress(table, f"export {fam.name}", progress):
     value = np.asarray(jax.device_get(_tree_get(params, entry.path)), np.float32)
     for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
       yield name, np.ascontiguousarray(t).astype(jnp.dtype(dtype))

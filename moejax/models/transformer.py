@@ -16,6 +16,7 @@ from flax import linen as nn
 from moejax.layers.attention import Attention
 from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.merging import SoftMergeBlock
+from moejax.layers.mla import LatentAttention
 from moejax.layers.moe import MoEBlock, MoESpec
 from moejax.layers.moh import MixtureOfHeadsAttention
 from moejax.layers.norms import RMSNorm
@@ -44,6 +45,9 @@ class ModelConfig:
   # None: standard attention; else mixture-of-heads options (layers/moh.py):
   # (shared_heads, active_heads, gating, router, balance_weight)
   moh: Optional[tuple] = None
+  # None unless attention="latent" (layers/mla.py): (q_lora_rank, kv_lora_rank,
+  # qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
+  mla: Optional[tuple] = None
 
   def is_moe_layer(self, i: int) -> bool:
     return (self.moe is not None and i >= self.first_dense_layers
@@ -59,13 +63,17 @@ class ModelConfig:
     moe_cfg = model.moe
     moe = MoESpec.from_config(moe_cfg)
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers",
-                                                          "moh"}
+                                                          "moh", "mla"}
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
       moh = (h.shared_heads, h.active_heads, h.gating, h.router, h.balance_weight)
+    mla = None
+    if model.attention == "latent":
+      a = model.mla
+      mla = (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim)
     return cls(moe=moe, moe_every=moe_cfg.moe_every,
-               first_dense_layers=moe_cfg.first_dense_layers, moh=moh,
+               first_dense_layers=moe_cfg.first_dense_layers, moh=moh, mla=mla,
                **{name: model[name] for name in fields})
 
 
@@ -81,7 +89,11 @@ class DecoderLayer(nn.Module):
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
     options = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
-    if c.moh is None:
+    if c.mla is not None:
+      q_rank, kv_rank, d_nope, d_rope, d_v = c.mla
+      attn = LatentAttention(c.num_heads, kv_rank, d_nope, d_rope, d_v, q_rank, c.rope_theta,
+                             c.norm_eps, dt, name="attn")
+    elif c.moh is None:
       attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, **options,
                        name="attn")
     else:
