@@ -146,15 +146,18 @@ def test_upcycling_commands():
 CONVERT_IN = "python -m moejax.convert --from=hf --to=moejax hf_model runs/imported"
 CONVERT_SAMPLE = "python run.py --workdir=runs/imported --mode=sample --config.sample.num_tokens=20"
 CONVERT_OUT = "python -m moejax.convert --from=moejax --to=hf runs/imported runs/exported_hf"
+CONVERT_TORCH = ("python -m moejax.convert --from=moejax --to=torch runs/imported "
+                 "runs/exported_torch")
 
 
 @pytest.mark.slow
-@runs(CONVERT_IN, CONVERT_SAMPLE, CONVERT_OUT)
+@runs(CONVERT_IN, CONVERT_SAMPLE, CONVERT_OUT, CONVERT_TORCH)
 def test_conversion_commands():
   """The README's conversion commands on a tiny random Qwen2-MoE saved as `hf_model`."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  paths = [os.path.join(ROOT, p) for p in ("hf_model", "runs/imported", "runs/exported_hf")]
+  paths = [os.path.join(ROOT, p) for p in ("hf_model", "runs/imported", "runs/exported_hf",
+                                           "runs/exported_torch")]
   for p in paths:
     shutil.rmtree(p, ignore_errors=True)
   try:
@@ -170,6 +173,8 @@ def test_conversion_commands():
     assert "exported runs/imported as qwen2_moe" in _run(CONVERT_OUT, ROOT)
     back = transformers.AutoModelForCausalLM.from_pretrained(paths[2])
     assert type(back).__name__ == "Qwen2MoeForCausalLM"
+    assert "as a PyTorch module" in _run(CONVERT_TORCH, ROOT)
+    assert os.path.isfile(os.path.join(paths[3], "modeling_moejax.py"))
   finally:
     for p in paths:
       shutil.rmtree(p, ignore_errors=True)

@@ -6,7 +6,8 @@ import sys
 from absl import app, flags
 
 _FROM = flags.DEFINE_enum("from", None, ["hf", "moejax"], "Source format.")
-_TO = flags.DEFINE_enum("to", None, ["hf", "moejax"], "Destination format.")
+_TO = flags.DEFINE_enum("to", None, ["hf", "moejax", "torch"],
+                        "Destination format (torch: a self-contained PyTorch module + weights).")
 _FAMILY = flags.DEFINE_string("family", None, "HF family for --to=hf (default: inferred).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "Tensor dtype written by --to=hf.")
@@ -29,6 +30,10 @@ def main(argv):
       out = export_hf(src, dst, family=_FAMILY.value, dtype=_DTYPE.value,
                       max_shard_bytes=_SHARD.value << 20)
       print(f"exported {src} as {out['family']} ({out['bytes'] / 2**20:.1f} MiB) into {dst}")
+    elif (_FROM.value, _TO.value) == ("moejax", "torch"):
+      from moejax.convert.torch_export import export_torch
+      out = export_torch(src, dst, max_shard_bytes=_SHARD.value << 20)
+      print(f"exported {src} as a PyTorch module ({out['bytes'] / 2**20:.1f} MiB) into {dst}")
     else:
       raise app.UsageError(f"--from={_FROM.value} --to={_TO.value}: convert hf<->moejax")
   except (ConversionError, ConfigError) as err:

@@ -29,6 +29,7 @@ from flax import linen as nn
 from moejax.layers.dense import SwiGLU, swiglu
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.routers import router_logits
+from moejax.layers.moe import shared_output
 
 Array = jax.Array
 
@@ -81,7 +82,8 @@ class SoftMergeBlock(nn.Module):
     wi, wo = bank.weights()
     y = merged_swiglu(groups, probs, wi, wo, self.dtype).reshape(x.shape)
     if s.num_shared_experts:
-      y = y + SwiGLU(s.shared_hidden, self.dtype, name="shared")(x)
+      y = y + shared_output(self, SwiGLU(s.shared_hidden, self.dtype, name="shared"), x,
+                            s.shared_expert_gate)
     p = probs.reshape(-1, s.num_routed)
     self.sow("intermediates", "expert_load", jnp.mean(p, axis=0))   # soft load
     self.sow("intermediates", "router_entropy",

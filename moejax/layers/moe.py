@@ -273,6 +273,19 @@ class MoESpec:
     return self.shared_expert_hidden or self.num_shared_experts * self.fine_hidden
 
 
+def shared_output(module: nn.Module, shared, tokens: Array, gate: bool) -> Array:
+  """The shared experts' output, times Qwen2-MoE's per-token gate sigmoid(x @ w_g) when
+  ``gate`` (w_g [D, 1] is ``module``'s "shared_gate" parameter)."""
+  y = shared(tokens)
+  if not gate:
+    return y
+  w = module.param("shared_gate", nn.with_logical_partitioning(kernel_init(0, 1),
+                                                               ("embed", None)),
+                   (tokens.shape[-1], 1), jnp.float32)
+  g = jax.nn.sigmoid(tokens.astype(jnp.float32) @ w)
+  return (y.astype(jnp.float32) * g).astype(y.dtype)
+
+
 def routing_metrics(routing: RoutingResult, num_dropped: Array) -> dict[str, Array]:
   """expert_load (share of routed slots, null experts included), drops among the slots that
   are computed, router entropy, and real experts per token (variable-k routers, null experts)."""
@@ -331,15 +344,7 @@ class MoEBlock(nn.Module):
     return (out, carry) if router_state is not None else out
 
   def _shared(self, shared, tokens: Array) -> Array:
-    """The shared experts' output, with Qwen2-MoE's per-token gate sigmoid(x @ w_g) when
-    ``shared_expert_gate``."""
-    y = shared(tokens)
-    if not self.spec.shared_expert_gate:
-      return y
-    w = self.param("shared_gate", nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)),
-                   (tokens.shape[-1], 1), jnp.float32)
-    gate = jax.nn.sigmoid(tokens.astype(jnp.float32) @ w)
-    return (y.astype(jnp.float32) * gate).astype(y.dtype)
+    return shared_output(self, shared, tokens, self.spec.shared_expert_gate)
 
   def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int):
     """Routed experts' output [T, D] and the dropped-slot count, on one device or

@@ -1,0 +1,114 @@
+"""moejax-only variants exported to the self-contained PyTorch module (moejax/convert/
+torch_model.py), run in a subprocess where `import jax` fails: logits equal moejax's."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from conftest import tiny_config  # noqa: E402
+from moejax import config as config_lib  # noqa: E402
+from moejax.api import build_model  # noqa: E402
+from moejax.convert import ConversionError, export_torch  # noqa: E402
+from moejax.train import workdir as workdir_lib  # noqa: E402
+from moejax.train.trainer import Trainer  # noqa: E402
+
+MOH = {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
+       "model.moh.active_heads": 2}
+VARIANTS = {   # (tiny_config kind, overrides); all dropless (the export routes without capacity)
+    "ternary_experts": ("deepseekmoe", {"model.moe.expert_bank": "ternary_swiglu",
+                                        "model.moe.shared_trainable": False}),
+    "moh_code": ("gshard", MOH),
+    "moh_paper": ("gshard", {**MOH, "model.moh.gating": "paper"}),
+    "moh_binary_query_norm": ("gshard", {**MOH, "model.moh.gating": "binary_ste",
+                                         "model.moh.router": "query_norm"}),
+    "lory_gated_shared": ("deepseekmoe", {"model.moe.merge": "causal_segments",
+                                          "model.moe.merge_segment": 4,
+                                          "model.moe.shared_expert_gate": True}),
+    "smear": ("gshard", {"model.moe.merge": "sequence"}),
+    "null_experts_chain": ("gshard", {"model.moe.null_experts": 2, "model.moe.iterations": 2}),
+    "latent_sigmoid_groups": ("deepseekmoe", {
+        "model.attention": "latent", "model.mla.q_lora_rank": 8, "model.mla.kv_lora_rank": 8,
+        "model.mla.qk_nope_head_dim": 4, "model.mla.qk_rope_head_dim": 4,
+        "model.mla.v_head_dim": 6, "model.moe.router": "sigmoid",
+        "model.moe.num_expert_groups": 4, "model.moe.groups_per_token": 2,
+        "model.moe.bias_update_rate": 0.05, "model.moe.routed_scaling_factor": 2.0}),
+    "qk_norm_bias_dense_first": ("gshard", {"model.qk_norm": "full", "model.qkv_bias": True,
+                                            "model.moe.first_dense_layers": 1}),
+}
+
+
+def _workdir(path, kind, overrides, seed):
+  """A workdir whose parameters are all perturbed off their init (norm scales, biases, router
+  selection biases too), without compiling a training step."""
+  c = config_lib.apply_overrides(tiny_config(kind), {"model.moe.dispatch": "dropless",
+                                                     **overrides})
+  t = Trainer(c, str(path))
+  leaves, tree = jax.tree.flatten(jax.device_get(t.params))
+  rng = np.random.default_rng(seed)
+  leaves = [np.asarray(x + 0.2 * rng.standard_normal(x.shape) * max(np.std(x), 0.5),
+                       np.float32) for x in leaves]
+  params = jax.tree.unflatten(tree, leaves)
+  t.state = dict(t.state, params=jax.device_put(params, t.shardings["params"]))
+  t.save()
+  workdir_lib.save_config(str(path), c)
+  t.close()
+  return c, params
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  root = tmp_path_factory.mktemp("torch_export")
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 16))
+  out = {}
+  for seed, (name, (kind, overrides)) in enumerate(VARIANTS.items()):
+    config, params = _workdir(root / name, kind, overrides, seed)
+    want = np.asarray(build_model(config).apply({"params": params}, jnp.asarray(tokens)))
+    export_torch(str(root / name), str(root / f"{name}_torch"), progress=False)
+    out[name] = (root / f"{name}_torch", want)
+  return root, tokens, out
+
+
+@pytest.mark.slow
+def test_exported_variants_match_moejax_without_jax(exports):
+  root, tokens, out = exports
+  jobs = [(str(d), str(root / f"{n}.npy")) for n, (d, _) in out.items()]
+  for d, _ in jobs:
+    assert os.path.isfile(os.path.join(d, "modeling_moejax.py"))
+  script = (
+      "import sys, importlib\n"
+      "sys.modules['jax'] = None   # prove the module needs no JAX\n"
+      "import numpy as np, torch\n"
+      f"tokens = torch.tensor(np.array({tokens.tolist()}))\n"
+      f"for d, out in {jobs!r}:\n"
+      "  sys.path.insert(0, d)\n"
+      "  sys.modules.pop('modeling_moejax', None)\n"
+      "  m = importlib.import_module('modeling_moejax')\n"
+      "  np.save(out, m.load(d)(tokens).numpy())\n"
+      "  sys.path.pop(0)\n")
+  p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  for name, (_, want) in out.items():
+    got = np.load(root / f"{name}.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+def test_ternary_export_stores_two_bit_codes(exports):
+  from safetensors.numpy import load_file
+  t = load_file(exports[2]["ternary_experts"][0] / "model.safetensors")
+  packed = t["layer_0/moe/experts/wi/packed"]
+  assert packed.dtype == np.uint8 and packed.shape == (8, 32, 2, 4)    # 16 hidden / 4 per byte
+  assert "layer_0/moe/experts/wi" not in t and "layer_0/moe/experts/wo" not in t
+
+
+def test_unsupported_router_is_named():
+  from moejax.convert.torch_export import torch_config
+  c = config_lib.apply_overrides(tiny_config("gshard"), {"model.moe.router": "hash"})
+  with pytest.raises(ConversionError, match="model.moe.router='hash' has no PyTorch export"):
+    torch_config(build_model(c).cfg)
