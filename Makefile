@@ -39,6 +39,7 @@ $(BENCH_STAMP): $(STAMP) experiments/requirements.txt
 bench: $(BENCH_STAMP)
 	$(PY) experiments/bench_moe.py
 	$(PY) experiments/bench_sharding.py
+	$(PY) experiments/bench_convert.py
 
 # Wheels for the accelerator machine (no package index there): carried with
 # `run(carry=[".gpu_wheels"], command="bash experiments/gpu_check.sh")`.

@@ -5,13 +5,14 @@
                                 ``run.py --mode=eval|sample|train`` accepts as it is
   export_hf(workdir, dst_dir)   a moejax workdir -> an HF directory ``from_pretrained`` loads
 
-HF tensors are read one at a time (memory-mapped) and each moejax parameter is assembled and
-checked as soon as its tensors are read; the export writes shards as it goes. Every tensor name
-and shape is checked against the table before it is used: a mismatch names the tensor, both
-shapes and the table entry. Outputs appear only complete (temporary directory + rename).
-
-The moejax side holds the parameter tree in memory while orbax writes it (orbax saves a whole
-tree), so the peak is about the model plus the largest tensor, not the largest tensor alone.
+Export streams: each parameter is read alone from the orbax checkpoint, transformed and
+written to its shard straight away (shard headers are planned from the table up front), so the
+peak is about twice the largest tensor. Import reads HF tensors one at a time (memory-mapped)
+and assembles each parameter as soon as its tensors are read, but orbax saves a tree at once:
+the import holds the parameters (in the source dtype, ``dtype="keep"``) once, and writes no
+optimizer state (the Trainer starts a fresh one). Every tensor name and shape is checked against
+the table before use: a mismatch names the tensor, both shapes and the table entry. Outputs
+appear only complete (temporary directory + rename).
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ from moejax.convert.safetensors_io import ShardedWriter, TensorSource
 from moejax.errors import ConversionError
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+
+def return_freed_memory() -> None:
+  """Streaming frees a tensor-sized buffer per step; glibc's dynamic mmap threshold would
+  move such sizes onto the heap after the first free and keep them there (measured: export
+  peak 7x the largest tensor instead of ~2x). A fixed threshold returns them to the OS."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD: buffers >= 1 MiB are mmapped
+    libc.mallopt(-1, 1 << 20)     # M_TRIM_THRESHOLD
+  except (OSError, AttributeError):   # not glibc: nothing to tune
+    pass
 
 
 def _progress(items, desc, enabled):
@@ -74,8 +88,8 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def load_hf_params(src: str, config, fam, progress: bool = False,
-                   rope_interleave: bool = False) -> dict:
-  """The moejax parameter tree (float32 NumPy) of the HF checkpoint in ``src``."""
+                   rope_interleave: bool = False, dtype: str = "keep") -> dict:
+  """The moejax parameter tree (NumPy, in the checkpoint's dtype or ``dtype``) of ``src``."""
   model, shapes = _abstract_params(config)
   source = TensorSource(src)
   entries = families.table(fam, model.cfg, rope_interleave=bool(rope_interleave))
@@ -98,10 +112,11 @@ def load_hf_params(src: str, config, fam, progress: bool = False,
         raise ConversionError(f"{src}: tensor {name} has shape {got}, the {fam.name} table "
                               f"expects {tuple(expected)} (entry {'/'.join(entry.path)} "
                               f"{shape} <- {entry.kind})")
-      tensors.append(_to_numpy(source.get(name)).astype(np.float32))
+      tensors.append(_to_numpy(source.get(name)))
       used.add(name)
     value = families.TRANSFORMS[entry.kind][0](tensors, shape, entry)
-    _tree_set(params, entry.path, np.ascontiguousarray(value, np.float32))
+    out_dtype = value.dtype if dtype == "keep" else jnp.dtype(dtype)
+    _tree_set(params, entry.path, np.ascontiguousarray(value, out_dtype))
   unused = sorted(set(source.weight_map) - used)
   if unused:
     raise ConversionError(f"{src}: {len(unused)} tensors have no place in the {fam.name} table "
@@ -110,25 +125,19 @@ def load_hf_params(src: str, config, fam, progress: bool = False,
 
 
 def _write_workdir(workdir: str, config, params) -> str:
-  """config.json + step 0 {step, params, fresh optimizer state} in the layout the Trainer
-  restores (tested: eval/sample/train on the result), without building a Trainer (whose random
-  initialisation would only be thrown away)."""
-  from moejax.api import build_model
+  """config.json + step 0 holding {step, params} (no optimizer state: the Trainer starts a
+  fresh one), restored by the Trainer like any checkpoint (tested: eval/sample/train)."""
   from moejax.train import workdir as workdir_lib
   from moejax.train.checkpoint import Checkpointer
-  from moejax.train.optimizer import frozen_mask, make_optimizer
   if workdir_lib.latest_checkpoint(workdir) is not None:
     raise ConversionError(f"{workdir}: already holds a checkpoint; convert into a new directory")
   tmp = os.path.abspath(workdir).rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    tx = make_optimizer(config.train, frozen_mask(build_model(config).cfg))
-    state = {"step": np.zeros((), np.int32), "params": params,
-             "opt_state": jax.device_get(tx.init(params))}
     os.makedirs(tmp)
     workdir_lib.save_config(tmp, config)
     ckpt = Checkpointer(tmp, keep=config.train.keep_checkpoints)
-    ckpt.save(0, state)
+    ckpt.save(0, {"step": np.zeros((), np.int32), "params": params})
     ckpt.close()
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,51 +148,75 @@ def _write_workdir(workdir: str, config, params) -> str:
   return workdir
 
 
-def import_hf(src: str, workdir: str, *, overrides: dict | None = None,
+def import_hf(src: str, workdir: str, *, overrides: dict | None = None, dtype: str = "keep",
               progress: bool = True) -> dict:
   """HF checkpoint directory -> moejax workdir. ``overrides``: non-model settings for the
-  workdir (data path, batch size, ...). Returns {'family', 'config', 'workdir'}."""
+  workdir (data path, batch size, ...); ``dtype``: stored parameter dtype ("keep" = the
+  checkpoint's; training restores them as float32). Returns {'family', 'config', 'workdir'}."""
+  if dtype not in DTYPES:
+    raise ConversionError(f"--dtype={dtype!r}: allowed {DTYPES}")
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{src}: no config.json (not a Hugging Face checkpoint directory)")
+  return_freed_memory()
   hf = json.load(open(path))
   fam, config = hf_config_to_moejax(hf)
   if overrides:
     from moejax import config as config_lib
     config = config_lib.apply_overrides(config, overrides)
   params = load_hf_params(src, config, fam, progress,
-                          rope_interleave=hf.get("rope_interleave", False))
+                          rope_interleave=hf.get("rope_interleave", False), dtype=dtype)
   _write_workdir(workdir, config, params)
   return {"family": fam.name, "config": config, "workdir": workdir}
 
 
-def params_to_hf(params, cfg, fam, dtype: str = "float32", progress: bool = False):
-  """Yields (HF name, NumPy array) for every tensor of the family's table. MLA weights are
-  written in DeepSeek's interleaved-RoPE layout (``rope_interleave: true``, as released)."""
-  table = families.table(fam, cfg, rope_interleave=fam.attention == "latent")
-  for entry in _progress(table, f"export {fam.name}", progress):
-    value = np.asarray(jax.device_get(_tree_get(params, entry.path)), np.float32)
-    for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
-      yield name, np.ascontiguousarray(t).astype(jnp.dtype(dtype))
+class SavedModel:
+  """A workdir's model read lazily: config, abstract parameter shapes, and one parameter at a
+  time from the latest checkpoint (nothing else is loaded)."""
+
+  def __init__(self, workdir: str):
+    from moejax.train import workdir as workdir_lib
+    from moejax.train.checkpoint import Checkpointer
+    workdir_lib.require_trained(workdir, "export")
+    self.config = workdir_lib.load_config(workdir)
+    self.model, self.shapes = _abstract_params(self.config)
+    self.cfg = self.model.cfg
+    self._ckpt = Checkpointer(workdir)
+    self.step = self._ckpt.latest_step()
+    self._ckpt.close()
+
+  def shape(self, path) -> tuple[int, ...]:
+    return tuple(_tree_get(self.shapes, path).shape)
+
+  def leaf(self, path) -> np.ndarray:
+    like = _tree_get(self._ckpt.saved_tree(self.step)["params"], path)
+    like = jax.ShapeDtypeStruct(like.shape, like.dtype)
+    leaf = self._ckpt.read_leaf(self.step, ("params",) + tuple(path), like)
+    return np.asarray(leaf).astype(np.float32, copy=False)
 
 
 def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str = "float32",
               max_shard_bytes: int = 2 << 30, progress: bool = True) -> dict:
-  """moejax workdir -> HF checkpoint directory (config.json + safetensors shards)."""
-  from moejax.train.trainer import Trainer
+  """moejax workdir -> HF checkpoint directory (config.json + safetensors shards), streaming
+  one parameter at a time."""
   if dtype not in DTYPES[1:]:
     raise ConversionError(f"--dtype={dtype!r}: allowed {DTYPES[1:]}")
-  trainer = Trainer.from_workdir(workdir, mode="export")
-  trainer.close()
-  cfg = trainer.model.cfg
+  return_freed_memory()
+  saved = SavedModel(workdir)
+  cfg = saved.cfg
   fam = families.FAMILIES[family] if family else families.infer_family(cfg)
   families.check_exportable(fam, cfg)
   hf_config = families.config_to_hf(fam, cfg)
   hf_config.update(torch_dtype=dtype, dtype=dtype)
-  writer = ShardedWriter(dst, max_shard_bytes)
+  table = families.table(fam, cfg, rope_interleave=fam.attention == "latent")
+  plan = [(name, shp, jnp.dtype(dtype)) for e in table
+          for name, shp in zip(e.hf, families.hf_shapes(e, saved.shape(e.path)))]
+  writer = ShardedWriter(dst, plan, max_shard_bytes)
   try:
-    for name, t in params_to_hf(trainer.params, cfg, fam, dtype, progress):
-      writer.add(name, t)
+    for entry in _progress(table, f"export {fam.name}", progress):
+      value = saved.leaf(entry.path)
+      for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
+        writer.add(name, np.ascontiguousarray(t).astype(jnp.dtype(dtype), copy=False))
     writer.write_file("config.json", json.dumps(hf_config, indent=2))
     writer.close()
   except BaseException:

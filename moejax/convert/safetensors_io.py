@@ -5,10 +5,11 @@ Reading: ``TensorSource(directory)`` opens ``model.safetensors`` or the shards l
 copied into a NumPy array). Header problems (a truncated or corrupt file, an index naming a
 missing shard or tensor) raise ``ConversionError`` naming the file, before any tensor is used.
 
-Writing: ``ShardedWriter(directory, max_shard_bytes)`` takes tensors one by one, flushes a shard
-file when the next tensor would overflow it, and writes the index at ``close()``. The writer
-works in a temporary sibling directory that is renamed into place only when every shard is
-complete, so a failed conversion never leaves a partial checkpoint behind.
+Writing: ``ShardedWriter(directory, plan, max_shard_bytes)`` is given every tensor's name, shape
+and dtype up front, so each shard's header can be written before its data; tensors are then
+added one by one, in plan order, and go straight to disk (nothing is buffered: the peak is the
+tensor being written). The writer works in a temporary sibling directory renamed into place
+only when every shard is complete, so a failed conversion never leaves a partial checkpoint.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import struct
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from moejax.errors import ConversionError
 
@@ -90,48 +90,77 @@ class TensorSource:
     return self._handles[self.weight_map[name]].get_tensor(name)
 
 
-class ShardedWriter:
-  """Writes tensors into shards of at most ``max_shard_bytes`` (one shard: model.safetensors)."""
+_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+           "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+           "bool": "BOOL"}
 
-  def __init__(self, directory: str, max_shard_bytes: int = 2 << 30, metadata=None):
+
+class ShardedWriter:
+  """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (one shard is
+  named model.safetensors, several get an index)."""
+
+  def __init__(self, directory: str, plan, max_shard_bytes: int = 2 << 30, metadata=None):
+    """``plan``: [(name, shape, dtype)] in the order ``add`` will be called."""
     self.directory = os.path.abspath(directory)
     self.tmp = self.directory + ".partial"
     shutil.rmtree(self.tmp, ignore_errors=True)
     os.makedirs(self.tmp)
-    self.max_bytes, self.metadata = max_shard_bytes, metadata or {"format": "pt"}
-    self._pending, self._pending_bytes, self._shards, self.total_bytes = {}, 0, [], 0
+    self.metadata = metadata or {"format": "pt"}
+    self.shards, size = [[]], 0
+    for name, shape, dtype in plan:
+      nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+      if self.shards[-1] and size + nbytes > max_shard_bytes:
+        self.shards.append([])
+        size = 0
+      self.shards[-1].append((name, tuple(int(d) for d in shape), np.dtype(dtype)))
+      size += nbytes
+    n = len(self.shards)
+    self.files = ([SINGLE] if n == 1 else
+                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    self.total_bytes = 0
+    self._shard, self._pos, self._fh = -1, 0, None
+
+  def _open_next(self) -> None:
+    if self._fh:
+      self._fh.close()
+    self._shard += 1
+    self._pos = 0
+    header, offset = {"__metadata__": self.metadata}, 0
+    for name, shape, dtype in self.shards[self._shard]:
+      end = offset + int(np.prod(shape)) * dtype.itemsize
+      header[name] = {"dtype": _DTYPES[dtype.name], "shape": list(shape),
+                      "data_offsets": [offset, end]}
+      offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    self._fh = open(os.path.join(self.tmp, self.files[self._shard]), "wb")
+    self._fh.write(struct.pack("<Q", len(raw)) + raw)
 
   def add(self, name: str, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array)
-    if self._pending and self._pending_bytes + array.nbytes > self.max_bytes:
-      self._flush()
-    self._pending[name] = array
-    self._pending_bytes += array.nbytes
+    if self._shard < 0 or self._pos == len(self.shards[self._shard]):
+      self._open_next()
+    want, shape, dtype = self.shards[self._shard][self._pos]
+    if name != want or tuple(array.shape) != shape or array.dtype != dtype:
+      raise ConversionError(f"ShardedWriter: got {name} {array.dtype}{list(array.shape)}, the "
+                            f"plan says {want} {dtype}{list(shape)} next")
+    self._fh.write(np.ascontiguousarray(array).tobytes())
+    self._pos += 1
     self.total_bytes += array.nbytes
-
-  def _flush(self) -> None:
-    name = f"shard-{len(self._shards):05d}.safetensors"
-    save_file(self._pending, os.path.join(self.tmp, name), metadata=self.metadata)
-    self._shards.append((name, list(self._pending)))
-    self._pending, self._pending_bytes = {}, 0
 
   def write_file(self, name: str, text: str) -> None:
     with open(os.path.join(self.tmp, name), "w") as fh:
       fh.write(text)
 
   def close(self) -> None:
-    """Flushes the last shard, names the shards, writes the index, renames into place."""
-    if self._pending or not self._shards:
-      self._flush()
-    n = len(self._shards)
-    if n == 1:
-      os.replace(os.path.join(self.tmp, self._shards[0][0]), os.path.join(self.tmp, SINGLE))
-    else:
-      weight_map = {}
-      for i, (tmp_name, names) in enumerate(self._shards):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(os.path.join(self.tmp, tmp_name), os.path.join(self.tmp, final))
-        weight_map.update({k: final for k in names})
+    """Checks every planned tensor arrived, writes the index, renames into place."""
+    if self._fh:
+      self._fh.close()
+    missing = (len(self.shards) - 1 - self._shard) + (
+        len(self.shards[self._shard]) - self._pos if self._shard >= 0 else 0)
+    if self._shard < 0 or missing:
+      raise ConversionError(f"ShardedWriter: {missing} planned tensors were never written")
+    if len(self.shards) > 1:
+      weight_map = {name: f for f, shard in zip(self.files, self.shards) for name, _, _ in shard}
       with open(os.path.join(self.tmp, INDEX), "w") as fh:
         json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, fh,
                   indent=2)
@@ -140,4 +169,6 @@ class ShardedWriter:
     os.replace(self.tmp, self.directory)
 
   def abort(self) -> None:
+    if self._fh:
+      self._fh.close()
     shutil.rmtree(self.tmp, ignore_errors=True)

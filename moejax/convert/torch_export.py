@@ -38,37 +38,42 @@ def torch_config(cfg) -> dict:
   return out
 
 
-def _tensors(params, cfg):
-  """(name, array) per exported tensor; ternary banks as 2-bit codes + scales."""
+def _plan(saved, cfg):
+  """[(name, shape, dtype, read)] per exported tensor, ``read()`` producing it on demand;
+  ternary banks as 2-bit codes + one scale per expert matrix (from the latent weights)."""
+  from moejax.layers.ternary import WI_AXES, WO_AXES, pack_ternary, ternary_values
   ternary = cfg.moe is not None and cfg.moe.expert_bank == "ternary_swiglu"
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for name, leaf in flat.items():
-    if ternary and name.endswith("/moe/experts/wi"):
-      from moejax.layers.ternary import pack_bank
-      layer = name[:-len("/wi")]
-      bank = pack_bank(np.asarray(leaf, np.float32), np.asarray(flat[layer + "/wo"], np.float32))
-      for w in ("wi", "wo"):
-        yield f"{layer}/{w}/packed", bank[w]["packed"]
-        yield f"{layer}/{w}/scale", np.asarray(bank[w]["scale"], np.float32)
-    elif ternary and name.endswith("/moe/experts/wo"):
-      continue
+  paths = [tuple(str(getattr(k, "key", k)) for k in p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(saved.shapes)[0]]
+  out = []
+  for path in paths:
+    name, shape = "/".join(path), saved.shape(path)
+    if ternary and path[-3:-1] == ("moe", "experts"):
+      axes = WI_AXES if path[-1] == "wi" else WO_AXES
+      codes = lambda path=path, axes=axes: ternary_values(saved.leaf(path), axes)
+      packed_shape = shape[:-1] + (-(-shape[-1] // 4),)
+      scale_shape = tuple(1 if i in axes else d for i, d in enumerate(shape))
+      out += [(name + "/packed", packed_shape, np.uint8,
+               lambda codes=codes: pack_ternary(np.asarray(codes()[0]))),
+              (name + "/scale", scale_shape, np.float32,
+               lambda codes=codes: np.asarray(codes()[1], np.float32))]
     else:
-      yield name, np.asarray(leaf, np.float32)
+      out.append((name, shape, np.float32, lambda path=path: saved.leaf(path)))
+  return out
 
 
 def export_torch(workdir: str, dst: str, *, max_shard_bytes: int = 2 << 30,
                  progress: bool = True) -> dict:
-  from moejax.train.trainer import Trainer
-  trainer = Trainer.from_workdir(workdir, mode="export")
-  trainer.close()
-  cfg = trainer.model.cfg
-  config = torch_config(cfg)
-  writer = ShardedWriter(dst, max_shard_bytes)
+  """Streams one parameter at a time (see ``hf.SavedModel``)."""
+  from moejax.convert.hf import SavedModel, return_freed_memory
+  return_freed_memory()
+  saved = SavedModel(workdir)
+  config = torch_config(saved.cfg)
+  plan = _plan(saved, saved.cfg)
+  writer = ShardedWriter(dst, [(n, s, d) for n, s, d, _ in plan], max_shard_bytes)
   try:
-    for name, t in _progress(list(_tensors(jax.device_get(trainer.params), cfg)),
-                             "export torch", progress):
-      writer.add(name, t)
+    for name, _, _, read in _progress(plan, "export torch", progress):
+      writer.add(name, read())
     writer.write_file("moejax_config.json", json.dumps(config, indent=2))
     writer.write_file("modeling_moejax.py", open(torch_model.__file__).read())
     writer.close()

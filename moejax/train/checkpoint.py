@@ -2,12 +2,17 @@
 
 Orbax writes each step into a temporary directory and renames it only once every array is on
 disk, so an interrupted save never leaves a checkpoint that ``latest_step`` would pick up.
+
+A checkpoint may hold only {step, params} (an imported model: ``moejax.convert``); restoring it
+returns ``opt_state=None`` and the Trainer starts a fresh optimizer state. ``read_leaf`` reads
+one parameter without the rest (the streaming export).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -40,7 +45,38 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if "opt_state" in self.saved_keys(step):
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    # Outside the manager: it keeps the handler of its first use per item (a later save with
+    # StandardSave would be refused after a PyTreeRestore through it).
+    part = {"step": abstract["step"], "params": abstract["params"]}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(part)
+    out = ocp.PyTreeCheckpointer().restore(self.item_dir(step), args=ocp.args.PyTreeRestore(
+        item=part, restore_args=restore_args, partial_restore=True))
+    return {**out, "opt_state": None}
+
+  def item_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step), "default")
+
+  def saved_tree(self, step: int) -> dict:
+    """The saved state's metadata tree (shapes and dtypes, nothing read)."""
+    return ocp.StandardCheckpointer().metadata(self.item_dir(step)).item_metadata.tree
+
+  def saved_keys(self, step: int) -> set:
+    return set(self.saved_tree(step))
+
+  def read_leaf(self, step: int, path: tuple[str, ...], like) -> np.ndarray:
+    """One array of the saved state (``path`` into it; ``like``: its shape/dtype), as NumPy,
+    reading nothing else."""
+    item = like
+    for k in reversed(path):
+      item = {k: item}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = ocp.PyTreeCheckpointer().restore(self.item_dir(step), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+    for k in path:
+      out = out[k]
+    return out
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -199,11 +199,17 @@ class Trainer:
     if self.ckpt is None:
       raise ValueError("Trainer(workdir=None) has no checkpoints to restore")
     try:
-      self.state = self.ckpt.restore(self.state, step)
+      state = self.ckpt.restore(self.state, step)
     except Exception as e:   # orbax: structure, shape or dtype mismatch, a damaged checkpoint
       first = str(e).strip().splitlines()[0]
       raise ConfigError(f"--workdir={self.workdir}: checkpoint does not fit this model "
                         f"({first[:300]})") from None
+    if state["opt_state"] is None:     # parameters only (an imported model): fresh moments
+      say(f"{self.workdir}: the checkpoint holds parameters only (imported); starting a fresh "
+          "optimizer state")
+      state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(
+          state["params"])
+    self.state = state
     return self.step
 
   # ------------------------------------------------------------------ training
