@@ -285,8 +285,15 @@ def run_shape(name, t, d, f, e, k, kind, repeats):
                  "mem_x_dense": c.peak_bytes / dense.peak_bytes if c.peak_bytes else None,
                  "temp_x_dense": c.temp_bytes / dense.temp_bytes if c.temp_bytes else None,
                  **c.extra})
+  # Issue 14's memory bound: 1.2 x the dense step's peak + the MoE's extra weights and their
+  # gradients, 2 x (3 E D F - 3 D kF) x itemsize.
+  item = jnp.dtype(_DTYPE.value).itemsize
+  bound = 1.2 * dense.peak_bytes + 2 * 3 * d * f * (e - k) * item if dense.peak_bytes else None
+  for r in rows:
+    r["peak_x_bound"] = (r["peak_bytes"] / bound if bound and r["peak_bytes"]
+                         and r["impl"] != "dense" else None)
   out = {"shape": name, "T": t, "D": d, "F": f, "E": e, "k": k, "routing": kind,
-         "flops": fl, "rows": rows}
+         "flops": fl, "rows": rows, "memory_bound_bytes": bound}
   print(f"\n{name}: T={t} D={d} F={f} E={e} k={k} routing={kind}  "
         f"fwd+bwd FLOPs = 18*T*k*D*F = {fl / 1e9:.1f} GFLOP", flush=True)
   for r in rows:
@@ -307,12 +314,14 @@ def write_outputs(shapes, sweep, profile):
   for s in shapes:
     cells = [f"{r['gflops']:.1f} GFLOP/s ({r['x_dense']:.2f}x)" for r in s["rows"]]
     lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
-  lines += ["", "Compiled memory, peak (weights, gradients, activations) / temporaries only:", "",
+  lines += ["", "Compiled memory, peak (weights, gradients, activations) / temporaries only; "
+            "[peak / bound], bound = 1.2 x dense peak + 2 x the extra expert weights:", "",
             "| shape | " + " | ".join(i for i in impls if i != "transformers") + " |",
             "|---" * len(impls) + "|"]
   for s in shapes:
     cells = [f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['mem_x_dense']:.2f}x) / "
              f"{r['temp_bytes'] / 2**20:.0f} MiB ({r['temp_x_dense']:.2f}x)"
+             + (f" [{r['peak_x_bound']:.2f}]" if r.get("peak_x_bound") else "")
              for r in s["rows"] if r["peak_bytes"]]
     lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
   if profile:
