@@ -114,7 +114,7 @@ def run_shape(name, t, d, f, e, k, kind, dtype, backends, repeats):
     for impl, (fn, args) in impls.items():
       try:
         secs[impl] = timed(fn, *args, repeats=repeats)
-      except Exception as err:  # noqa: BLE001 -- report and go on: one broken impl must not hide the rest
+      except Exception as err:  # noqa: BLE001 -- one broken impl must not hide the others
         print(f"  {name} {op} {impl}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
     for impl, s in secs.items():
       rows.append(dict(shape=name, op=op, impl=impl, ms=s * 1e3, tflops=flops / s / 1e12,

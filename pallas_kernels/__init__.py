@@ -5,5 +5,5 @@
 from pallas_kernels.metadata import GroupMetadata, local_rows, make_group_metadata
 from pallas_kernels.ops import TARGETS, Tiling, default_target, default_tiling, gmm, tgmm
 
-__all__ = ["GroupMetadata", "local_rows", "make_group_metadata", "TARGETS", "Tiling", "default_target",
-           "default_tiling", "gmm", "tgmm"]
+__all__ = ["GroupMetadata", "local_rows", "make_group_metadata", "TARGETS", "Tiling",
+           "default_target", "default_tiling", "gmm", "tgmm"]

@@ -11,8 +11,9 @@ Options as in megablox: ``preferred_element_type`` (output dtype; accumulation i
 ``transpose_rhs`` (rhs [L, N, K]), ``existing_out``, ``group_offset``.
 
 The VJP of gmm is d_lhs = gmm(d_out, rhs^T) (the kernel reads rhs transposed, nothing is
-materialised) and d_rhs = tgmm(lhs, d_out) (tgmm(d_out, lhs) for a transposed rhs). Rows must be sorted by group and sum(group_sizes)
-<= M (a data-dependent precondition, not checked under jit).
+materialised) and d_rhs = tgmm(lhs, d_out) (tgmm(d_out, lhs) for a transposed rhs). Rows must
+be sorted by group and sum(group_sizes) <= M (a data-dependent precondition, not checked under
+jit).
 
 Shapes need not be tile-aligned: inputs are zero-padded to the tile grid here and the result
 sliced back, which costs a copy only when a dimension is not a multiple of its tile. Tile sizes

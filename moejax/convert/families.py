@@ -144,7 +144,8 @@ def _mla_entries(a: str, mx: str, cfg, rope_interleave: bool) -> list[Entry]:
   if q_rank:
     out += [Entry((mx, "attn", "q_down"), (a + "q_a_proj.weight",), "linear"),
             Entry((mx, "attn", "q_norm", "scale"), (a + "q_a_layernorm.weight",), "copy"),
-            Entry((mx, "attn", "q_up"), (a + "q_b_proj.weight",), "linear", rope=rope(dn + dr, dn))]
+            Entry((mx, "attn", "q_up"), (a + "q_b_proj.weight",), "linear",
+                  rope=rope(dn + dr, dn))]
   else:
     out.append(Entry((mx, "attn", "query"), (a + "q_proj.weight",), "linear",
                      rope=rope(dn + dr, dn)))
@@ -311,7 +312,8 @@ def infer_family(cfg) -> Family:
         and fam.router == s.router and fam.shared_gate == s.shared_expert_gate
         and (bool(fam.shared_prefix) == bool(s.num_shared_experts) or fam.name == "deepseek_v3")
         and (fam.default_renormalize is None or fam.default_renormalize == s.renormalize)
-        and (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0))):
+        and (fam.name not in ("mixtral", "olmoe")
+             or (cfg.moe_every == 1 and cfg.first_dense_layers == 0))):
       return fam
   raise ConversionError(
       f"no HF family matches this model (qk_norm={cfg.qk_norm!r}, qkv_bias={cfg.qkv_bias}, "
@@ -349,8 +351,9 @@ def check_exportable(fam: Family, cfg) -> None:
       (fam.name != "deepseek_v3" or not s.shared_expert_hidden
        or s.shared_expert_hidden == s.num_shared_experts * s.fine_hidden,
        "model.moe.shared_expert_hidden", "DeepSeek-V3's shared experts have the experts' width"),
-      (fam.name != "mixtral" or (cfg.moe_every == 1 and cfg.first_dense_layers == 0),
-       "model.moe.moe_every", "Mixtral has no dense layers"),
+      (fam.name not in ("mixtral", "olmoe") or (cfg.moe_every == 1
+                                                 and cfg.first_dense_layers == 0),
+       "model.moe.moe_every/first_dense_layers", f"{fam.name} has no dense layers"),
   ]
   for ok, key, why in checks:
     if not ok:
@@ -379,9 +382,6 @@ def config_to_hf(fam: Family, cfg) -> dict:
       raise ConversionError(f"cannot export as {fam.name}: model.moe.first_dense_layers="
                             f"{first} with moe_every={every}: Qwen's "
                             "decoder_sparse_step puts MoE layers at moe_every-1, 2*moe_every-1,..")
-  if fam.name == "olmoe" and cfg.first_dense_layers:
-    raise ConversionError("cannot export as olmoe: model.moe.first_dense_layers: OLMoE has no "
-                          "dense layers")
   if fam.shared_gate:
     out.update(qkv_bias=True, shared_expert_intermediate_size=s.shared_hidden)
   if fam.name == "deepseek_v3":

@@ -14,6 +14,14 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def _handler():
+  """Orbax's handler for one saved item, used directly for partial reads: the Checkpointer
+  wrappers look for step-level metadata in the item directory and log a warning to stderr
+  (which `run.py --mode=sample` would print before the sample)."""
+  return ocp.PyTreeCheckpointHandler()
 
 
 class Checkpointer:
@@ -51,7 +59,7 @@ class Checkpointer:
     # StandardSave would be refused after a PyTreeRestore through it).
     part = {"step": abstract["step"], "params": abstract["params"]}
     restore_args = ocp.checkpoint_utils.construct_restore_args(part)
-    out = ocp.PyTreeCheckpointer().restore(self.item_dir(step), args=ocp.args.PyTreeRestore(
+    out = _handler().restore(epath.Path(self.item_dir(step)), args=ocp.args.PyTreeRestore(
         item=part, restore_args=restore_args, partial_restore=True))
     return {**out, "opt_state": None}
 
@@ -60,7 +68,7 @@ class Checkpointer:
 
   def saved_tree(self, step: int) -> dict:
     """The saved state's metadata tree (shapes and dtypes, nothing read)."""
-    return ocp.StandardCheckpointer().metadata(self.item_dir(step)).item_metadata.tree
+    return dict(_handler().metadata(epath.Path(self.item_dir(step))).tree)
 
   def saved_keys(self, step: int) -> set:
     return set(self.saved_tree(step))
@@ -72,7 +80,7 @@ class Checkpointer:
     for k in reversed(path):
       item = {k: item}
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = ocp.PyTreeCheckpointer().restore(self.item_dir(step), args=ocp.args.PyTreeRestore(
+    out = _handler().restore(epath.Path(self.item_dir(step)), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=True))
     for k in path:
       out = out[k]
