@@ -54,6 +54,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                             "Activations and weights (bf16 for the GPU/TPU numbers).")
 _ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
+_PROFILE = flags.DEFINE_bool("profile", True, "Also profile the fine-grained layer per op.")
 
 SHAPES = {  # name: (T, D, F, E, k, routing)
     "balanced E16 k2 F1024": (4096, 512, 1024, 16, 2, "balanced"),
@@ -383,8 +384,10 @@ def main(argv):
     d, f, e, k = (128, 256, 16, 2) if _QUICK.value else (512, 1024, 16, 2)
     sweep.append(run_shape(f"sweep T={t}", t, d, f, e, k, "balanced", repeats))
   t, d, f, e, k, kind = SHAPES["fine-grained E64 k6 F256"]
-  profile = profile_ops(t // 8, d // 4, f // 4, e, k, kind, 3) if _QUICK.value else profile_ops(
-      t, d, f, e, k, kind, repeats)
+  profile = None
+  if _PROFILE.value:
+    profile = (profile_ops(t // 8, d // 4, f // 4, e, k, kind, 3) if _QUICK.value
+               else profile_ops(t, d, f, e, k, kind, repeats))
   write_outputs(shapes, sweep, profile)
 
 

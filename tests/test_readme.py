@@ -224,11 +224,12 @@ def _run_experiment(command: str, flags: str, tmp_path) -> tuple[str, str]:
 @pytest.mark.slow
 @runs(COMPARE)
 def test_compare_routing_command(tmp_path):
-  out, text = _run_experiment(COMPARE, "--quick --steps=4 --seeds=0,1 --configs=dense,gshard",
-                              tmp_path)
-  assert "size tiny" in text and "size small" in text and "dense vs gshard" in text, out
+  # One size of the command's two (the later --sizes wins): the per-size loop is the same code.
+  out, text = _run_experiment(COMPARE, "--quick --steps=4 --seeds=0,1 --configs=dense,gshard "
+                              "--sizes=tiny", tmp_path)
+  assert "size tiny" in text and "dense vs gshard" in text, out
   assert "estimated total" in out
-  for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_tiny.png", "loss_curves_small.png"):
+  for name in ("finals.png", "gaps_vs_steps.png", "loss_curves_tiny.png"):
     assert os.path.isfile(tmp_path / "out" / name), name
 
 
@@ -239,7 +240,7 @@ ROUTERS_CMD = "python experiments/compare_routers.py --data_path=../shared/data/
 @runs(ROUTERS_CMD)
 def test_compare_routers_command(tmp_path):
   out, text = _run_experiment(ROUTERS_CMD, "--quick --steps=4 --seeds=0 --noestimate "
-                              "--routers=topk_softmax,sigmoid_v3,expert_choice", tmp_path)
+                              "--routers=topk_softmax,sigmoid_v3", tmp_path)
   assert "sigmoid_v3 vs topk_softmax" in text and "experts_per_token" in text, out
 
 
@@ -254,7 +255,7 @@ def test_compare_balance_command(tmp_path):
 @pytest.mark.slow
 def test_bench_smoke(tmp_path):
   out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
-              f"--out_dir={tmp_path}"], ROOT)
+              "--noprofile", f"--out_dir={tmp_path}"], ROOT)
   assert "ratio" in out or "x" in out
 
 

@@ -181,12 +181,13 @@ class SavedModel:
     self._ckpt = Checkpointer(workdir)
     self.step = self._ckpt.latest_step()
     self._ckpt.close()
+    self._saved = self._ckpt.saved_tree(self.step)["params"]     # metadata only, read once
 
   def shape(self, path) -> tuple[int, ...]:
     return tuple(_tree_get(self.shapes, path).shape)
 
   def leaf(self, path) -> np.ndarray:
-    like = _tree_get(self._ckpt.saved_tree(self.step)["params"], path)
+    like = _tree_get(self._saved, path)
     like = jax.ShapeDtypeStruct(like.shape, like.dtype)
     leaf = self._ckpt.read_leaf(self.step, ("params",) + tuple(path), like)
     return np.asarray(leaf).astype(np.float32, copy=False)
