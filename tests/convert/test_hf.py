@@ -193,24 +193,26 @@ def test_mismatched_tensor_and_corrupt_file_leave_no_output(tmp_path):
 
 @pytest.mark.slow
 def test_converted_model_trains_expert_parallel_like_one_device(tmp_path):
-  """A converted Qwen2-MoE (4 experts, a gated shared expert, q/k/v biases) fine-tunes: one step
-  on 8 simulated devices (data 2 x expert 4, experts exchanged by all-to-all) equals the
-  single-device step."""
+  """A converted DeepSeek-V3 (latent attention, sigmoid router with groups and selection bias,
+  a shared expert, a dense first layer) fine-tunes: one step on 8 simulated devices (data 2 x
+  expert 2 x tensor 2: experts exchanged by all-to-all, heads split) equals the single-device
+  step."""
   import shutil
   from moejax.train.trainer import Trainer
-  hf_model("qwen2_moe").save_pretrained(tmp_path / "hf")
+  hf_model("deepseek_v3").save_pretrained(tmp_path / "hf")
   import_hf(str(tmp_path / "hf"), str(tmp_path / "wd"), progress=False)
   run = {"data.batch_size": 8, "data.seq_len": 32, "data.corpus_bytes": 20000,
          "train.warmup_steps": 1, "train.log_every": 1}
   results = []
   for name, mesh in (("one", {"mesh.num_devices": 1}),
-                     ("many", {"mesh.num_devices": -1, "mesh.data": 2, "mesh.expert": 4})):
+                     ("many", {"mesh.num_devices": -1, "mesh.data": 2, "mesh.expert": 2,
+                               "mesh.tensor": 2})):
     shutil.copytree(tmp_path / "wd", tmp_path / name)
     t = Trainer.from_workdir(str(tmp_path / name), {**run, **mesh}, mode="train")
     results.append((t, t.train(steps=1, progress=None)))
     t.close()
   (one, r1), (many, r8) = results
-  assert dict(many.mesh.shape)["expert"] == 4
+  assert dict(many.mesh.shape)["expert"] == 2 and dict(many.mesh.shape)["tensor"] == 2
   np.testing.assert_allclose(r8.metrics["loss"], r1.metrics["loss"], rtol=2e-5)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(many.params))[0],
                           jax.tree.leaves(jax.device_get(one.params))):
