@@ -220,24 +220,27 @@ def profile_ops(t, d, f, e, k, kind, repeats):
   xt, upt, hst = (jax.random.normal(r[7], s_) for s_ in ((t, d), (t, 2 * h), (t, h)))
   ct_rows, ct_tok = jax.random.normal(r[0], (m, d)), jax.random.normal(r[1], (t, d))
   vjp = lambda fn, ct: (lambda *a: jax.vjp(fn, *a)[1](ct))
+
+  def projection(name, lhs, dout, w, lhs_dense, dout_dense, w_dense):
+    """A projection's three grouped matmuls (forward, d_lhs, d_rhs) and their dense twins."""
+    return {
+        f"{name} gmm fwd": (lambda a, b: gm.gmm(a, b, sizes, backend="xla"), (lhs, w),
+                            lambda a, b: a @ b, (lhs_dense, w_dense)),
+        f"{name} gmm d_lhs": (lambda a, b: gm.gmm(a, b, sizes, backend="xla",
+                                                  transpose_rhs=True),
+                              (dout, w), lambda a, b: a @ b.T, (dout_dense, w_dense)),
+        f"{name} tgmm (d_rhs)": (lambda a, b: gm.tgmm(a, b, sizes, e), (lhs, dout),
+                                 lambda a, b: a.T @ b, (lhs_dense, dout_dense)),
+    }
+
   ops = {  # name: (moe fn, args, dense fn or None, dense args)
       "router sort (plan)": (lambda i: plan_dropless(i, e).row_token, (idx,), None, ()),
       "dispatch gather fwd+bwd": (lambda x: vjp(lambda x: dispatch(x, plan), ct_rows)(x), (x,),
                                   None, ()),
-      "up gmm fwd": (lambda a, b: gm.gmm(a, b, sizes, backend="xla"), (xs, wi),
-                     lambda a, b: a @ b, (xt, wd_up)),
-      "up gmm d_lhs": (lambda a, b: gm.gmm(a, b, sizes, backend="xla", transpose_rhs=True),
-                       (up, wi), lambda a, b: a @ b.T, (upt, wd_up)),
-      "up tgmm (d_rhs)": (lambda a, b: gm.tgmm(a, b, sizes, e), (xs, up),
-                          lambda a, b: a.T @ b, (xt, upt)),
+      **projection("up", xs, up, wi, xt, upt, wd_up),
       "swiglu fwd+bwd": (lambda u: vjp(lambda u: swiglu(u.reshape(-1, 2, f)), hs)(u), (up,),
                          None, ()),
-      "down gmm fwd": (lambda a, b: gm.gmm(a, b, sizes, backend="xla"), (hs, wo),
-                       lambda a, b: a @ b, (hst, wd_down)),
-      "down gmm d_lhs": (lambda a, b: gm.gmm(a, b, sizes, backend="xla", transpose_rhs=True),
-                         (ys, wo), lambda a, b: a @ b.T, (xt, wd_down)),
-      "down tgmm (d_rhs)": (lambda a, b: gm.tgmm(a, b, sizes, e), (hs, ys),
-                            lambda a, b: a.T @ b, (hst, xt)),
+      **projection("down", hs, ys, wo, hst, xt, wd_down),
       "combine fwd+bwd": (lambda y, w_: vjp(lambda y, w_: combine(y, plan, w_), ct_tok)(y, w_),
                           (ys, w), None, ()),
   }

@@ -183,6 +183,11 @@ class SavedModel:
     self._ckpt.close()
     self._saved = self._ckpt.saved_tree(self.step)["params"]     # metadata only, read once
 
+  def paths(self) -> list[tuple[str, ...]]:
+    """Every parameter's path, in tree order."""
+    return [tuple(str(getattr(k, "key", k)) for k in p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(self.shapes)[0]]
+
   def shape(self, path) -> tuple[int, ...]:
     return tuple(_tree_get(self.shapes, path).shape)
 

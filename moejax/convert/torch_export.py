@@ -39,26 +39,25 @@ def torch_config(cfg) -> dict:
 
 
 def _plan(saved, cfg):
-  """[(name, shape, dtype, read)] per exported tensor, ``read()`` producing it on demand;
-  ternary banks as 2-bit codes + one scale per expert matrix (from the latent weights)."""
+  """[(specs, read)] per parameter: specs [(name, shape, dtype)] of the tensors it exports and
+  ``read()`` -> those arrays, reading the parameter once. Ternary banks export 2-bit codes +
+  one scale per expert matrix (quantised from the latent weights)."""
   from moejax.layers.ternary import WI_AXES, WO_AXES, pack_ternary, ternary_values
   ternary = cfg.moe is not None and cfg.moe.expert_bank == "ternary_swiglu"
-  paths = [tuple(str(getattr(k, "key", k)) for k in p)
-           for p, _ in jax.tree_util.tree_flatten_with_path(saved.shapes)[0]]
   out = []
-  for path in paths:
+  for path in saved.paths():
     name, shape = "/".join(path), saved.shape(path)
     if ternary and path[-3:-1] == ("moe", "experts"):
       axes = WI_AXES if path[-1] == "wi" else WO_AXES
-      codes = lambda path=path, axes=axes: ternary_values(saved.leaf(path), axes)
-      packed_shape = shape[:-1] + (-(-shape[-1] // 4),)
-      scale_shape = tuple(1 if i in axes else d for i, d in enumerate(shape))
-      out += [(name + "/packed", packed_shape, np.uint8,
-               lambda codes=codes: pack_ternary(np.asarray(codes()[0]))),
-              (name + "/scale", scale_shape, np.float32,
-               lambda codes=codes: np.asarray(codes()[1], np.float32))]
+
+      def read(path=path, axes=axes):
+        codes, scale = ternary_values(saved.leaf(path), axes)
+        return [pack_ternary(np.asarray(codes)), np.asarray(scale, np.float32)]
+      out.append(([(name + "/packed", shape[:-1] + (-(-shape[-1] // 4),), np.uint8),
+                   (name + "/scale", tuple(1 if i in axes else d for i, d in enumerate(shape)),
+                    np.float32)], read))
     else:
-      out.append((name, shape, np.float32, lambda path=path: saved.leaf(path)))
+      out.append(([(name, shape, np.float32)], lambda path=path: [saved.leaf(path)]))
   return out
 
 
@@ -70,10 +69,11 @@ def export_torch(workdir: str, dst: str, *, max_shard_bytes: int = 2 << 30,
   saved = SavedModel(workdir)
   config = torch_config(saved.cfg)
   plan = _plan(saved, saved.cfg)
-  writer = ShardedWriter(dst, [(n, s, d) for n, s, d, _ in plan], max_shard_bytes)
+  writer = ShardedWriter(dst, [spec for specs, _ in plan for spec in specs], max_shard_bytes)
   try:
-    for name, _, _, read in _progress(plan, "export torch", progress):
-      writer.add(name, read())
+    for specs, read in _progress(plan, "export torch", progress):
+      for (name, _, _), array in zip(specs, read()):
+        writer.add(name, array)
     writer.write_file("moejax_config.json", json.dumps(config, indent=2))
     writer.write_file("modeling_moejax.py", open(torch_model.__file__).read())
     writer.close()

@@ -336,15 +336,12 @@ class MoEBlock(nn.Module):
         routing = router(h, deterministic=deterministic)
       y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep)
       if shared is not None:
-        y = y + self._shared(shared, h.reshape(-1, x.shape[-1]))
+        y = y + shared_output(self, shared, h.reshape(-1, x.shape[-1]), s.shared_expert_gate)
       self._record(routing, num_dropped)
       y = y.reshape(x.shape).astype(self.dtype)
       out = y if out is None else out + y
       h = h + y
     return (out, carry) if router_state is not None else out
-
-  def _shared(self, shared, tokens: Array) -> Array:
-    return shared_output(self, shared, tokens, self.spec.shared_expert_gate)
 
   def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int):
     """Routed experts' output [T, D] and the dropped-slot count, on one device or

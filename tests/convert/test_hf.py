@@ -91,9 +91,8 @@ def restored(workdir):
   (the Trainer's restore of such a workdir is tested by the training and README tests)."""
   from moejax.convert.hf import SavedModel
   saved = SavedModel(workdir)
-  flat, tree = jax.tree_util.tree_flatten_with_path(saved.shapes)
-  leaves = [saved.leaf(tuple(str(getattr(k, "key", k)) for k in path)) for path, _ in flat]
-  return saved.config, jax.tree.unflatten(tree, leaves)
+  leaves = [saved.leaf(path) for path in saved.paths()]
+  return saved.config, jax.tree.unflatten(jax.tree.structure(saved.shapes), leaves)
 
 
 def check_close(a, b):
