@@ -106,6 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
   e.merge_segment = 64           # causal_segments: tokens per segment (divides data.seq_len)
   e.iterations = 1               # Chain-of-Experts: routed iterations in one layer, residual
                                  # between them, experts shared, a router each
+  # Heterogeneous experts (HMoE): one hidden size per routed expert, as a list, or a ladder
+  # (geometric | arithmetic | hybrid, the paper's shapes) scaled to expert_total_hidden
+  # (0 = routed experts x expert hidden: the homogeneous bank's parameters).
+  e.expert_sizes = ()
+  e.expert_size_ladder = "none"
+  e.expert_total_hidden = 0
+  e.ladder_repeats = 1           # repeat a ladder per expert-parallel device (mesh.expert)
+  e.parameter_penalty_weight = 0.0   # HMoE parameter penalty (paper: 0.1, replacing balance)
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 
@@ -290,6 +298,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   n = config.mesh.num_devices
   _require(isinstance(n, int) and (n == -1 or n > 0), "mesh.num_devices",
            f"must be a positive count or -1 (all devices), got {n!r}")
+  if moe_enabled(config) and config.mesh.expert > 1 and e.expert_parallel == "auto":
+    from moejax.layers.heterogeneous import local_sizes
+    from moejax.layers.moe import MoESpec
+    spec = MoESpec.from_config(e)
+    _require(spec.num_routed % config.mesh.expert == 0, "mesh.expert",
+             f"must divide the routed experts ({spec.num_routed}), got {config.mesh.expert}")
+    if spec.heterogeneous:
+      local_sizes(spec.routed_sizes, spec.num_routed // config.mesh.expert)
 
   if d.path:
     _require(os.path.isfile(d.path), "data.path", f"file not found: {d.path!r} "

@@ -58,6 +58,30 @@ def load_balance_loss(routing: RoutingResult, micro_batches: int = 1,
   return e * jnp.mean(jnp.sum(f * p_mean, axis=-1))
 
 
+def parameter_penalty_loss(routing: RoutingResult, sizes) -> Array:
+  """HMoE's parameter penalty (Wang et al. 2024, arXiv 2408.10681, eq. 7-8): the balance loss
+  with each expert's frequency weighted by its size, so routing to large experts costs more:
+
+    L_PP = E * sum_i M_i P_i,   M_i = f_i * h_i / hbar,   f_i = count_i / (T k),
+    P_i = (1/T) sum_t p_{t,i}.
+
+  The paper writes M_i with the absolute size h_i and says L_PP reduces to the usual balance loss
+  when sizes are equal; sizes relative to their mean hbar make that exact (our reading).
+  """
+  h = jnp.asarray(sizes, jnp.float32)
+  return routing.num_experts * jnp.sum(expert_fraction(routing) * h / jnp.mean(h)
+                                       * jnp.mean(routing.probs, axis=0))
+
+
+def routed_params_per_token(routing: RoutingResult, sizes, d_model: int) -> Array:
+  """[T] routed expert parameters each token activates: sum over its computed slots of the
+  SwiGLU's 3 * D * h_i (unused slots, -1, and null experts count 0)."""
+  h = jnp.concatenate([jnp.asarray(sizes, jnp.float32), jnp.zeros((1,), jnp.float32)])
+  idx = routing.expert_index
+  idx = jnp.where((idx >= 0) & (idx < len(sizes)), idx, len(sizes))
+  return 3.0 * d_model * jnp.sum(h[idx], axis=-1)
+
+
 def device_balance_loss(routing: RoutingResult, num_groups: int) -> Array:
   """DeepSeekMoE device-level balance loss (arXiv 2401.06066, eq. 15-17).
 
