@@ -2,6 +2,8 @@
 
 The expert-load panel shows, for each MoE layer, the share of routed slots each expert received
 at the last logged step; a flat row is a balanced layer, a bright column a collapsed one.
+Heterogeneous experts add a panel of routed parameters per token over training, per layer
+(mean, and the 10-90% band of tokens).
 ``plot_history`` draws from records (``Trainer.history`` or ``metrics.jsonl``) and returns the
 figure (shown inline in a notebook); ``plot_run`` saves a workdir's plot as ``run.png``.
 """
@@ -22,7 +24,10 @@ def plot_history(records: list[dict]):
   val = [r for r in records if r.get("split") == "val"]
   loads = {k.split("/")[0]: v for k, v in (train[-1].items() if train else [])
            if k.endswith("/expert_load")}
-  fig, axes = plt.subplots(1, 2 if loads else 1, figsize=(11 if loads else 6, 4), squeeze=False)
+  params = sorted({k.split("/")[0] for r in train for k in r if k.endswith("/routed_params")},
+                  key=lambda n: int(n.split("_")[-1]))
+  n = 1 + bool(loads) + bool(params)
+  fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
   ax = axes[0, 0]
   ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
   if val:
@@ -38,6 +43,18 @@ def plot_history(records: list[dict]):
     ax.set(xlabel="expert", yticks=range(len(names)), yticklabels=names,
            title=f"expert load at step {train[-1]['step']} (uniform = {1 / grid.shape[1]:.3f})")
     fig.colorbar(im, ax=ax, label="share of routed slots")
+  if params:
+    ax = axes[0, -1]
+    for name in params:
+      rows = [r for r in train if f"{name}/routed_params" in r]
+      steps = [r["step"] for r in rows]
+      line, = ax.plot(steps, [r[f"{name}/routed_params"] for r in rows], label=name)
+      q = np.array([r[f"{name}/routed_params_quantiles"] for r in rows])
+      ax.fill_between(steps, q[:, 0], q[:, -1], color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="step", ylabel="parameters / token",
+           title="routed expert parameters per token (10-90% band)")
+    ax.grid(alpha=0.3)
+    ax.legend()
   fig.tight_layout()
   return fig
 

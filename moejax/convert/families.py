@@ -337,6 +337,8 @@ def check_exportable(fam: Family, cfg) -> None:
        "model.moe.group_mask_fill/group_routing",
        "DeepSeek-V3 masks other groups with -inf, group-limited"),
       (s.expert_bank == "swiglu", "model.moe.expert_bank", "HF experts are full-precision SwiGLU"),
+      (not s.heterogeneous, "model.moe.expert_sizes",
+       "HF families have experts of one size (use --to=torch for heterogeneous experts)"),
       (s.merge == "none" and s.iterations == 1, "model.moe.merge/iterations",
        "soft merging and Chain-of-Experts have no HF counterpart"),
       (fam.default_renormalize is None or s.renormalize == fam.default_renormalize,

@@ -34,7 +34,8 @@ def torch_config(cfg) -> dict:
       raise ConversionError(f"model.moe.router={s.router!r} has no PyTorch export yet; "
                             f"supported: {', '.join(ROUTERS)}")
     out["moe"] = {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
-                  "routed_k": s.routed_k, "fine_hidden": s.fine_hidden}
+                  "routed_k": s.routed_k, "fine_hidden": s.fine_hidden,
+                  "routed_sizes": list(s.routed_sizes)}
   return out
 
 

@@ -10,9 +10,10 @@ every export as ``modeling_moejax.py``:
 It covers the variants moejax trains that Hugging Face has no class for: mixture-of-heads
 attention (code/paper/binary gates, learned or query-norm routers), ternary experts (MoTE:
 2-bit packed weights + scales, 8-bit activations), soft merging of experts (SMEAR, Lory),
-null experts (AdaMoE), Chain-of-Experts iterations, plus everything of the HF families (GQA,
-q/k norms, q/k/v biases, latent attention, top-k softmax and sigmoid group-limited routers,
-gated shared experts). Inference only, float32; weights keep moejax's names ("layer_0/attn/query").
+null experts (AdaMoE), Chain-of-Experts iterations, heterogeneous expert sizes (HMoE), plus
+everything of the HF families (GQA, q/k norms, q/k/v biases, latent attention, top-k softmax
+and sigmoid group-limited routers, gated shared experts). Inference only, float32; weights
+keep moejax's names ("layer_0/attn/query").
 """
 from __future__ import annotations
 
@@ -186,6 +187,15 @@ class MoejaxForCausalLM(torch.nn.Module):
     return index, weight * m["routed_scaling_factor"]
 
   def expert_weights(self, L):
+    """Per-expert (wi, wo) and whether they are ternary."""
+    if f"{L}/moe/experts/wi_0" in self.w:   # heterogeneous sizes: column blocks, see
+      sizes = self.c["moe"]["routed_sizes"]  # moejax/layers/heterogeneous.py
+      wi, wo = [[] for _ in sizes], [[] for _ in sizes]
+      for j, hi in enumerate(sorted(set(sizes))):
+        for r, e in enumerate(i for i, h in enumerate(sizes) if h >= hi):
+          wi[e].append(self.p(L, "moe", "experts", f"wi_{j}")[r])
+          wo[e].append(self.p(L, "moe", "experts", f"wo_{j}")[r])
+      return [torch.cat(a, -1) for a in wi], [torch.cat(b, 0) for b in wo], False
     if f"{L}/moe/experts/wi" in self.w:
       return self.p(L, "moe", "experts", "wi"), self.p(L, "moe", "experts", "wo"), False
     packed = []
@@ -197,7 +207,7 @@ class MoejaxForCausalLM(torch.nn.Module):
   def experts(self, L, x, index, weight):
     wi, wo, ternary = self.expert_weights(L)
     y = torch.zeros_like(x)
-    for e in range(wi.shape[0]):
+    for e in range(len(wi)):
       tok, slot = torch.nonzero(index == e, as_tuple=True)
       if tok.numel() == 0:
         continue

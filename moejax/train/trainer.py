@@ -70,7 +70,8 @@ def describe_model(model, params) -> str:
   n_params = sum(x.size for x in jax.tree.leaves(params))
   s = c.moe
   kind = "dense" if s is None else (
-      f"MoE: {s.num_routed} routed experts of hidden {s.fine_hidden}, top-{s.routed_k}"
+      f"MoE: {s.num_routed} routed experts of hidden "
+      f"{list(s.routed_sizes) if s.heterogeneous else s.fine_hidden}, top-{s.routed_k}"
       f"{f', {s.num_shared_experts} shared' if s.num_shared_experts else ''}, router={s.router}, "
       f"dispatch={s.dispatch}")
   return f"{kind}, {c.num_layers} layers, d_model={c.d_model}, {n_params / 1e6:.2f}M params"

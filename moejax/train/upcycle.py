@@ -40,6 +40,10 @@ def check_fit(dense_cfg, moe_cfg, method: str) -> None:
     raise ConfigError("config.upcycle.source: holds an MoE model with other experts; up-cycling "
                       "starts from a dense one (model.moe.num_experts=0)")
   s, big = moe_cfg.moe, dense_cfg.ffn_hidden
+  if s.heterogeneous:
+    raise ConfigError("config.upcycle.source: up-cycling copies or splits the dense FFN into "
+                      "experts of one size; model.moe.expert_sizes/expert_size_ladder "
+                      "(heterogeneous experts) cannot start from it")
   if method in ("copy", "drop") and s.fine_hidden != big:
     raise ConfigError(
         f"config.upcycle.method={method!r}: every expert is a copy of the dense FFN, so the "

@@ -34,7 +34,8 @@ VARIANTS = {
     "null_experts_chain_qk_head": ("gshard", {"model.moe.null_experts": 2,
                                               "model.moe.iterations": 2,
                                               "model.qk_norm": "head"}),
-    "latent_sigmoid_groups": ("deepseekmoe", {
+    "latent_sigmoid_groups_heterogeneous": ("deepseekmoe", {
+        "model.moe.expert_sizes": (32, 24, 16, 16, 8, 8, 8, 16),
         "model.attention": "latent", "model.mla.q_lora_rank": 8, "model.mla.kv_lora_rank": 8,
         "model.mla.qk_nope_head_dim": 4, "model.mla.qk_rope_head_dim": 4,
         "model.mla.v_head_dim": 6, "model.moe.router": "sigmoid",

@@ -231,3 +231,18 @@ def test_block_trains_and_logs_sizes():
   assert inter["size_load"][0].shape == (3,)
   np.testing.assert_allclose(float(inter["size_load"][0].sum()),
                              float(inter["experts_per_token"][0]) / 2, rtol=1e-6)
+
+
+def test_upcycling_and_hf_export_refuse_heterogeneous_experts():
+  from conftest import tiny_config
+  from moejax.api import build_model
+  from moejax.convert import ConversionError
+  from moejax.convert.families import FAMILIES, check_exportable
+  from moejax.train import upcycle
+  dense = build_model(tiny_config("dense")).cfg
+  moe = build_model(config_lib.apply_overrides(tiny_config("gshard"), {
+      "model.moe.expert_sizes": (48, 16, 32, 32), "model.moe.dispatch": "dropless"})).cfg
+  with pytest.raises(ConfigError, match="expert_sizes/expert_size_ladder"):
+    upcycle.check_fit(dense, moe, "copy")
+  with pytest.raises(ConversionError, match="model.moe.expert_sizes: HF families have experts"):
+    check_exportable(FAMILIES["mixtral"], moe)

@@ -22,6 +22,9 @@ VARIANTS = {
     "hash": {"model.moe.router": "hash"},
     "recurrent": {"model.moe.router": "recurrent", "model.moe.recurrent_router_dim": 16},
     "ternary_experts": {"model.moe.expert_bank": "ternary_swiglu"},
+    # two sizes per device (expert 4): every device's block of experts is (24, 8)
+    "heterogeneous": {"model.moe.expert_sizes": (24, 8) * 4,
+                      "model.moe.parameter_penalty_weight": 0.1},
     "lory": {"model.moe.merge": "causal_segments", "model.moe.merge_segment": 4},
     "mixture_of_heads": {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
                          "model.moh.active_heads": 2},
@@ -72,11 +75,12 @@ def test_resume_reproduces_the_bias_exactly(tmp_path):
     np.testing.assert_array_equal(_biases(resumed.params)[layer], b)
 
 
-# Expert Race, hash, recurrent and Lory take paths the cases below already cover (routing on the
+# Expert Race, hash, recurrent, Lory and ternary experts take paths the cases below already cover (routing on the
 # global batch before the all-to-all, or no shard_map at all); they passed too and stay out of
 # the suite's time budget (add them here to re-check).
 # Latent attention under expert + tensor parallelism: tests/convert (a converted DeepSeek-V3).
-EP_CASES = ["sigmoid", "top_p", "expert_choice", "ternary_experts", "mixture_of_heads"]
+EP_CASES = ["sigmoid", "top_p", "expert_choice", "heterogeneous",
+            "mixture_of_heads"]
 
 
 @pytest.mark.slow
