@@ -20,6 +20,10 @@ holds E/k times the dense layer's weights and gradients by design), and temporar
   python experiments/bench_moe.py                 # the three shapes of issue 5 + the token sweep
   python experiments/bench_moe.py --quick         # smaller, for a smoke test
   python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch  # GPU
+
+Heterogeneous experts (HMoE, --hmoe): for each of the paper's ladders, 8 experts whose sizes
+sum to 8 x F against 8 experts of F (the same routed FLOPs under balanced routing, the same
+parameters), and against one bank padded to the largest size (the cost of not skipping).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ from absl import app, flags  # noqa: E402
 from moejax.layers.dense import swiglu  # noqa: E402
 from moejax.layers.dispatch import combine, dispatch, plan_dropless  # noqa: E402
 from moejax.layers.experts import run_swiglu_experts  # noqa: E402
+from moejax.layers.heterogeneous import (LADDERS, column_blocks, expert_size_ladder,  # noqa: E402
+                                         run_heterogeneous_experts)
 
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/bench_moe", "Output directory.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (median reported).")
@@ -55,12 +61,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
 _PROFILE = flags.DEFINE_bool("profile", True, "Also profile the fine-grained layer per op.")
+_HMOE = flags.DEFINE_bool("hmoe", True, "Also time heterogeneous experts on the paper's ladders.")
 
 SHAPES = {  # name: (T, D, F, E, k, routing)
     "balanced E16 k2 F1024": (4096, 512, 1024, 16, 2, "balanced"),
     "fine-grained E64 k6 F256": (4096, 512, 256, 64, 6, "balanced"),
     "zipf(1.2) E16 k2 F1024": (4096, 512, 1024, 16, 2, "zipf"),
 }
+HMOE = (4096, 512, 1024, 8, 2)   # T, D, mean expert hidden F, E, k (sizes sum to E x F)
 SWEEP_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 RAGGED_MAX_T = 4096   # ragged_dot on CPU computes every group densely: GBs of temporaries beyond
 
@@ -148,6 +156,49 @@ def moe_case(t, d, f, e, k, kind, name, key):
                             dtype=x.dtype)
     return combine(ys, plan, w)
   return jax_case(f"moejax/{backend}@{align}", forward, params, x, idx, w)
+
+
+def hmoe_case(t, d, sizes, k, key):
+  """The heterogeneous bank (column blocks) behind the same dispatch as ``moe_case``."""
+  e = len(sizes)
+  idx, w = routing(t, e, k, "balanced")
+  keys = iter(jax.random.split(key, 2 * len(sizes) + 1))
+  blocks = column_blocks(sizes)
+  wis = tuple(jax.random.normal(next(keys), (len(b.members), d, 2, b.width)) * d ** -0.5
+              for b in blocks)
+  wos = tuple(jax.random.normal(next(keys), (len(b.members), b.width, d)) * max(sizes) ** -0.5
+              for b in blocks)
+  x = jax.random.normal(next(keys), (t, d))
+
+  def forward(p, x, idx, w):
+    plan = plan_dropless(idx, e)
+    ys = run_heterogeneous_experts(p, dispatch(x, plan), plan.group_sizes, sizes,
+                                   backend="xla", dtype=x.dtype)
+    return combine(ys, plan, w)
+  return jax_case("heterogeneous", forward, (wis, wos), x, jnp.asarray(idx), jnp.asarray(w))
+
+
+def run_hmoe(repeats):
+  """Each ladder: heterogeneous vs homogeneous of the same routed FLOPs vs padded to H_max."""
+  t, d, f, e, k = HMOE
+  if _QUICK.value:
+    t, d, f = t // 8, d // 4, f // 4
+  key, out = jax.random.key(0), []
+  for ladder in LADDERS:
+    sizes = expert_size_ladder(ladder, e, e * f)
+    cases = [moe_case(t, d, f, e, k, "balanced", "xla", key), hmoe_case(t, d, sizes, k, key),
+             moe_case(t, d, max(sizes), e, k, "balanced", "xla", key)]
+    cases[0].impl, cases[2].impl = "homogeneous", "padded to max"
+    sec = measure(cases, repeats)
+    rows = [{"impl": c.impl, "seconds": sec[c.impl], "x_homogeneous": sec["homogeneous"] /
+             sec[c.impl], "peak_bytes": c.peak_bytes} for c in cases]
+    out.append({"ladder": ladder, "sizes": list(sizes), "T": t, "D": d, "E": e, "k": k,
+                "rows": rows})
+    print(f"\nHMoE {ladder} sizes {list(sizes)} (T={t} D={d} k={k}, balanced):")
+    for r in rows:
+      print(f"  {r['impl']:15s} {r['seconds'] * 1e3:8.1f} ms  {r['x_homogeneous']:5.2f}x "
+            f"homogeneous  peak {r['peak_bytes'] / 2**20:7.1f} MiB", flush=True)
+  return out
 
 
 def torch_case(t, d, f, e, k, kind):
@@ -308,26 +359,44 @@ def run_shape(name, t, d, f, e, k, kind, repeats):
   return out
 
 
-def write_outputs(shapes, sweep, profile):
+def hmoe_table(hmoe) -> list[str]:
+  lines = ["", f"Heterogeneous experts (E={hmoe[0]['E']} k={hmoe[0]['k']} T={hmoe[0]['T']} "
+           f"D={hmoe[0]['D']}, balanced routing), speed x the homogeneous layer of the same "
+           "routed FLOPs, and compiled peak memory:", "",
+           "| ladder | sizes | heterogeneous | padded to max |", "|---|---|---|---|"]
+  for h in hmoe:
+    by = {r["impl"]: r for r in h["rows"]}
+    cell = lambda r: f"{r['x_homogeneous']:.2f}x, {r['peak_bytes'] / 2**20:.0f} MiB"
+    lines.append(f"| {h['ladder']} | {h['sizes']} | {cell(by['heterogeneous'])} | "
+                 f"{cell(by['padded to max'])} |")
+  h0 = {r["impl"]: r for r in hmoe[0]["rows"]}["homogeneous"]
+  lines.append(f"\nHomogeneous layer: {h0['seconds'] * 1e3:.1f} ms, "
+               f"{h0['peak_bytes'] / 2**20:.0f} MiB peak.")
+  return lines
+
+
+def write_outputs(shapes, sweep, profile, hmoe=()):
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "results.json"), "w") as fh:
     json.dump({"backend": jax.default_backend(), "devices": str(jax.devices()), "shapes": shapes,
-               "sweep": sweep, "profile": profile}, fh, indent=1)
-  impls = [r["impl"] for r in shapes[0]["rows"]]
-  lines = ["| shape | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
-  for s in shapes:
-    cells = [f"{r['gflops']:.1f} GFLOP/s ({r['x_dense']:.2f}x)" for r in s["rows"]]
-    lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
-  lines += ["", "Compiled memory, peak (weights, gradients, activations) / temporaries only; "
-            "[peak / bound], bound = 1.2 x dense peak + 2 x the extra expert weights:", "",
-            "| shape | " + " | ".join(i for i in impls if i != "transformers") + " |",
-            "|---" * len(impls) + "|"]
-  for s in shapes:
-    cells = [f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['mem_x_dense']:.2f}x) / "
-             f"{r['temp_bytes'] / 2**20:.0f} MiB ({r['temp_x_dense']:.2f}x)"
-             + (f" [{r['peak_x_bound']:.2f}]" if r.get("peak_x_bound") else "")
-             for r in s["rows"] if r["peak_bytes"]]
-    lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+               "sweep": sweep, "profile": profile, "hmoe": list(hmoe)}, fh, indent=1)
+  lines = []
+  if shapes:
+    impls = [r["impl"] for r in shapes[0]["rows"]]
+    lines += ["| shape | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+    for s in shapes:
+      cells = [f"{r['gflops']:.1f} GFLOP/s ({r['x_dense']:.2f}x)" for r in s["rows"]]
+      lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
+    lines += ["", "Compiled memory, peak (weights, gradients, activations) / temporaries only; "
+              "[peak / bound], bound = 1.2 x dense peak + 2 x the extra expert weights:", "",
+              "| shape | " + " | ".join(i for i in impls if i != "transformers") + " |",
+              "|---" * len(impls) + "|"]
+    for s in shapes:
+      cells = [f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['mem_x_dense']:.2f}x) / "
+               f"{r['temp_bytes'] / 2**20:.0f} MiB ({r['temp_x_dense']:.2f}x)"
+               + (f" [{r['peak_x_bound']:.2f}]" if r.get("peak_x_bound") else "")
+               for r in s["rows"] if r["peak_bytes"]]
+      lines.append(f"| {s['shape']} | " + " | ".join(cells) + " |")
   if profile:
     sh = profile["shape"]
     lines += ["", f"Per-op profile, T={sh['T']} D={sh['D']} F={sh['F']} E={sh['E']} k={sh['k']} "
@@ -348,6 +417,8 @@ def write_outputs(shapes, sweep, profile):
       by = {r["impl"]: r for r in s["rows"]}
       lines.append(f"| {s['T']} | " + " | ".join(
           f"{by[i]['x_dense']:.2f}x" if i in by else "-" for i in impls) + " |")
+  if hmoe:
+    lines += hmoe_table(hmoe)
   table = "\n".join(lines)
   print("\n" + table)
   with open(os.path.join(_OUT.value, "results.md"), "w") as fh:
@@ -391,7 +462,8 @@ def main(argv):
   if _PROFILE.value:
     profile = (profile_ops(t // 8, d // 4, f // 4, e, k, kind, 3) if _QUICK.value
                else profile_ops(t, d, f, e, k, kind, repeats))
-  write_outputs(shapes, sweep, profile)
+  hmoe = run_hmoe(repeats) if _HMOE.value else []
+  write_outputs(shapes, sweep, profile, hmoe)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def test_public_names():
   for name in moejax.__all__:
     assert hasattr(moejax, name), name
   assert moejax.ops.gmm is moejax.ops.grouped_matmul.gmm
-  assert moejax.list_configs() == ["deepseekmoe", "default", "dense", "gshard", "mote", "switch"]
+  assert moejax.list_configs() == ["deepseekmoe", "default", "dense", "gshard", "hmoe", "mote",
+                                   "switch"]
 
 
 def test_get_config_by_name_with_overrides_and_clear_errors():

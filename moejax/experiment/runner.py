@@ -380,7 +380,7 @@ class StudyResult:
 
 
 def _fmt_value(metric: str):
-  if metric in ("tokens_per_sec", "total_params", "active_params", "tokens"):
+  if metric in ("tokens_per_sec", "total_params", "active_params", "tokens", "routed_params"):
     return lambda v: f"{v:,.0f}"
   if metric in ("drop_fraction",):
     return lambda v: f"{v:.2%}"
