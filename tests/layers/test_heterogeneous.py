@@ -47,11 +47,14 @@ def _full_weights(params, sizes):
 ORDERED = ((48, 32, 16, 16, 8), (5, 0, 7, 3, 9))        # largest first; one expert gets nothing
 ANY_ORDER = ((8, 64, 8, 24, 64, 8), (3, 4, 0, 6, 2, 5))  # runs of consecutive block members
 ONE_LARGE = ((96, 8, 8, 8, 8, 8, 8, 8), (2, 3, 1, 4, 0, 2, 5, 3))
+# 256 rows: the wide block of expert 0 runs on a row bucket (32 rows here, all 256 below)
+FEW_ROWS_WIDE = ((64, 16, 16, 16, 16, 16, 16, 16), (10, 40, 30, 50, 20, 40, 30, 33))
+MANY_ROWS_WIDE = ((64, 16, 16, 16, 16, 16, 16, 16), (200, 8, 8, 8, 8, 8, 8, 5))
 
 
 @pytest.mark.parametrize("sizes,counts,backend", [
-    (*ORDERED, "xla"), (*ANY_ORDER, "xla"), (*ONE_LARGE, "xla"), (*ANY_ORDER, "reference"),
-    (*ANY_ORDER, "ragged_dot")])
+    (*ORDERED, "xla"), (*ANY_ORDER, "xla"), (*ONE_LARGE, "xla"), (*FEW_ROWS_WIDE, "xla"),
+    (*MANY_ROWS_WIDE, "xla"), (*ANY_ORDER, "reference"), (*ANY_ORDER, "ragged_dot")])
 def test_bank_equals_a_loop_of_swiglu_ffns_of_the_listed_sizes(sizes, counts, backend):
   bank, params = _bank(sizes)
   bank = bank.clone(gmm_backend=backend)
