@@ -65,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.shared_expert_gate = False   # shared output x sigmoid(x @ w_g), a gate per token (Qwen2-MoE)
   e.router = "topk_softmax"
   e.expert_bank = "swiglu"       # routed experts: swiglu | ternary_swiglu (MoTE: {-1,0,1} x
-                                 # scale, 8-bit activations, straight-through training)
+                                 # scale, 8-bit activations, straight-through training) |
+                                 # ternary_packed (its 2-bit inference form: eval/sample only)
   e.shared_trainable = True      # False: shared experts frozen (MoTE keeps the dense FFN)
   e.renormalize = True           # renormalise top-k gates to sum to 1
   e.jitter_eps = 0.0             # multiplicative input jitter (Switch)

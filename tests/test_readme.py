@@ -247,16 +247,35 @@ def test_compare_routers_command(tmp_path):
 @pytest.mark.slow
 @runs(BALANCE)
 def test_compare_balance_command(tmp_path):
-  out, text = _run_experiment(BALANCE, "--quick --steps=4 --seeds=0,1 --noestimate", tmp_path)
+  out, text = _run_experiment(BALANCE, "--quick --steps=4 --seeds=0 --noestimate", tmp_path)
   assert "micro_batch vs global_batch" in text and "seq_load_max_over_mean" in text, out
   assert os.path.isfile(tmp_path / "out" / "curves.png")
+
+
+HMOE_CMD = "python experiments/compare_hmoe.py --data_path=../shared/data/tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+@runs(HMOE_CMD)
+def test_compare_hmoe_command(tmp_path):
+  out, text = _run_experiment(HMOE_CMD, "--quick --steps=4 --seeds=0 --noestimate", tmp_path)
+  assert "hmoe_topp vs moe_topk" in text and "routed_params" in text, out
+  for name in ("curves.png", "sizes.png"):
+    assert os.path.isfile(tmp_path / "out" / name), name
 
 
 @pytest.mark.slow
 def test_bench_smoke(tmp_path):
   out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
               "--noprofile", f"--out_dir={tmp_path}"], ROOT)
-  assert "ratio" in out or "x" in out
+  res = json.load(open(tmp_path / "results.json"))
+  assert [s["shape"] for s in res["shapes"]] == ["balanced E16 k2 F1024",
+                                                 "fine-grained E64 k6 F256",
+                                                 "zipf(1.2) E16 k2 F1024"], out
+  assert all(r["x_dense"] > 0 for s in res["shapes"] for r in s["rows"])
+  hmoe = res["hmoe"]
+  assert [h["ladder"] for h in hmoe] == ["geometric", "arithmetic", "hybrid"]
+  assert all(r["seconds"] > 0 for h in hmoe for r in h["rows"])
 
 
 def test_bench_kernels_smoke(tmp_path):

@@ -20,3 +20,33 @@ def param_counts(model, params) -> tuple[int, int]:
   mean = sum(sizes) / len(sizes)
   inactive = n_moe * round((len(sizes) - s.routed_k) * 3 * c.d_model * mean)
   return total, total - inactive
+
+
+COMPONENTS = ("routed experts", "shared experts", "routers", "attention", "dense FFN", "other")
+
+
+def component_of(path) -> str:
+  """The component a parameter path (tuple of keys) belongs to."""
+  keys = [str(k) for k in path]
+  if "moe" in keys:
+    part = keys[keys.index("moe") + 1] if keys.index("moe") + 1 < len(keys) else ""
+    if part == "experts":
+      return "routed experts"
+    if part in ("shared", "shared_gate"):
+      return "shared experts"
+    return "routers"
+  if any(k in ("attn", "attention") for k in keys):
+    return "attention"
+  if "mlp" in keys or "ffn" in keys:
+    return "dense FFN"
+  return "other"
+
+
+def memory_by_component(params) -> dict[str, int]:
+  """Bytes of ``params`` per component (their stored dtypes: packed 2-bit experts count one byte
+  per four weights), in COMPONENTS order, components with no parameter left out."""
+  out = dict.fromkeys(COMPONENTS, 0)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+    out[component_of(keys)] += int(leaf.size) * leaf.dtype.itemsize
+  return {k: v for k, v in out.items() if v}

@@ -1,4 +1,4 @@
-"""python -m moejax.convert --from=hf --to=moejax SRC DST   (or --from=moejax --to=hf)."""
+"""python -m moejax.convert --from=hf --to=moejax SRC DST   (or --from=moejax --to=hf|torch|packed)."""
 from __future__ import annotations
 
 import sys
@@ -6,8 +6,9 @@ import sys
 from absl import app, flags
 
 _FROM = flags.DEFINE_enum("from", None, ["hf", "moejax"], "Source format.")
-_TO = flags.DEFINE_enum("to", None, ["hf", "moejax", "torch"],
-                        "Destination format (torch: a self-contained PyTorch module + weights).")
+_TO = flags.DEFINE_enum("to", None, ["hf", "moejax", "torch", "packed"],
+                        "Destination format (torch: a self-contained PyTorch module + weights; "
+                        "packed: a moejax workdir with 2-bit ternary experts).")
 _FAMILY = flags.DEFINE_string("family", None, "HF family for --to=hf (default: inferred).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "Tensor dtype written by --to=hf.")
@@ -34,6 +35,10 @@ def main(argv):
       from moejax.convert.torch_export import export_torch
       out = export_torch(src, dst, max_shard_bytes=_SHARD.value << 20)
       print(f"exported {src} as a PyTorch module ({out['bytes'] / 2**20:.1f} MiB) into {dst}")
+    elif (_FROM.value, _TO.value) == ("moejax", "packed"):
+      from moejax.convert.packed import describe, pack_workdir
+      out = pack_workdir(src, dst)
+      print(f"packed the ternary experts of {src} into {dst}\n{describe(out)}")
     else:
       raise app.UsageError(f"--from={_FROM.value} --to={_TO.value}: convert hf<->moejax")
   except (ConversionError, ConfigError) as err:

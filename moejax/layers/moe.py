@@ -30,7 +30,7 @@ from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.dispatch import PLANNERS, combine, dispatch
 from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.heterogeneous import LADDERS, HeterogeneousSwiGLUExperts, expert_size_ladder
-from moejax.layers.ternary import TernarySwiGLUExperts
+from moejax.layers.ternary import PackedTernarySwiGLUExperts, TernarySwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
 from moejax.logs import log_once
 from moejax.ops.grouped_matmul import resolve_backend
@@ -40,7 +40,8 @@ Array = jax.Array
 
 
 # Name -> expert bank (the routed experts' weights and compute; see layers/experts.py).
-EXPERT_BANKS = {"swiglu": SwiGLUExperts, "ternary_swiglu": TernarySwiGLUExperts}
+EXPERT_BANKS = {"swiglu": SwiGLUExperts, "ternary_swiglu": TernarySwiGLUExperts,
+                "ternary_packed": PackedTernarySwiGLUExperts}   # inference form of the ternary
 
 
 def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
@@ -218,7 +219,8 @@ class MoESpec:
   shared_expert_hidden: int = 0  # hidden of the fused shared experts; 0 = K_s * d_ff/m
   shared_expert_gate: bool = False   # shared output x sigmoid(x @ w_g) per token (Qwen2-MoE)
   router: str = "topk_softmax"
-  expert_bank: str = "swiglu"    # routed experts: "swiglu" | "ternary_swiglu" (MoTE)
+  expert_bank: str = "swiglu"    # routed experts: "swiglu" | "ternary_swiglu" (MoTE) |
+                                 # "ternary_packed" (its 2-bit inference form; no training)
   shared_trainable: bool = True  # False: the shared experts are frozen (MoTE's default)
   renormalize: bool = True       # renormalise the selected gates to sum to 1
   jitter_eps: float = 0.0

@@ -10,9 +10,11 @@ text confirms ternary weights, 8-bit activations and STE training, not the exact
 
 Training keeps full-precision latent weights (the same parameters as ``SwiGLUExperts``, so
 up-cycling, sharding and expert parallelism are unchanged); only ``run`` quantises.
-Inference form: ``pack_ternary`` stores each value as a 2-bit code (value + 1 in {0, 1, 2}),
-four per byte along the last axis, with one float scale per expert matrix: 16x less weight
-memory than float32, 8x less than bfloat16.
+Inference form: ``pack_bank`` stores each value as a 2-bit code (value + 1 in {0, 1, 2}), four
+per byte in the grouped-matmul kernels' K-planar layout, with one float scale per expert matrix:
+16x less weight memory than float32, 8x less than bfloat16; ``PackedTernarySwiGLUExperts`` runs
+from it with kernels that decode the codes tile by tile. (``pack_ternary`` packs along the last
+axis instead: the layout of the PyTorch export, convert/torch_model.py.)
 """
 from __future__ import annotations
 
@@ -20,9 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
 from moejax.layers.dense import swiglu
 from moejax.layers.experts import SwiGLUExperts
 from moejax.ops.grouped_matmul import gmm
+from moejax.ops.ternary_matmul import gmm_ternary
+from pallas_kernels.ternary import pack_planes, plane_rows
 
 Array = jax.Array
 
@@ -79,18 +86,35 @@ def unpack_ternary(packed: Array, n: int) -> Array:
 
 
 def pack_bank(wi: Array, wo: Array) -> dict:
-  """Latent expert weights -> their inference form: 2-bit codes + one scale per expert matrix."""
-  out = {}
-  for name, w, axes in (("wi", wi, WI_AXES), ("wo", wo, WO_AXES)):
-    codes, scale = ternary_values(jnp.asarray(w, jnp.float32), axes)
-    out[name] = {"packed": pack_ternary(np.asarray(codes)), "scale": np.asarray(scale),
-                 "n": int(w.shape[-1])}
-  return out
+  """Latent expert weights (wi [E, D, 2, H], wo [E, H, D]) -> the inference form that
+  ``PackedTernarySwiGLUExperts`` reads: 2-bit codes in the grouped-matmul kernels' K-planar
+  layout (``pallas_kernels.pack_planes``) and each expert matrix's scale, broadcast to its
+  output columns: wi_packed [E, P(D), 2H] uint8, wi_scale [E, 2H], wo_packed [E, P(H), D],
+  wo_scale [E, D]."""
+  wi, wo = np.asarray(wi, np.float32), np.asarray(wo, np.float32)
+  e, d, _, h = wi.shape
+  ci, si = ternary_values(jnp.asarray(wi), WI_AXES)
+  co, so = ternary_values(jnp.asarray(wo), WO_AXES)
+  return {"wi_packed": pack_planes(np.asarray(ci).reshape(e, d, 2 * h)),
+          "wi_scale": np.broadcast_to(np.asarray(si), (e, 1, 2, h)).reshape(e, 2 * h).copy(),
+          "wo_packed": pack_planes(np.asarray(co)),
+          "wo_scale": np.broadcast_to(np.asarray(so), (e, 1, d)).reshape(e, d).copy()}
 
 
-def unpacked_weight(entry: dict, dtype=jnp.float32) -> Array:
-  return (unpack_ternary(jnp.asarray(entry["packed"]), entry["n"]).astype(dtype)
-          * jnp.asarray(entry["scale"], dtype))
+PACKED_NAMES = ("wi_packed", "wi_scale", "wo_packed", "wo_scale")
+
+
+def run_packed_ternary_experts(weights, xs: Array, group_sizes: Array, *,
+                               backend: str = "auto", dtype=jnp.float32) -> Array:
+  """The ternary bank's forward pass from the packed form: the grouped matmuls read 2-bit
+  codes and decode them tile by tile (``moejax.ops.gmm_ternary``); equals
+  ``run_ternary_experts`` on the latent weights the codes came from."""
+  wi_p, wi_s, wo_p, wo_s = weights
+  h = wi_s.shape[1] // 2
+  up = gmm_ternary(quantize_activations(xs.astype(dtype)), wi_p, wi_s, group_sizes,
+                   backend=backend)
+  act = quantize_activations(swiglu(up.reshape(-1, 2, h)))
+  return gmm_ternary(act, wo_p, wo_s, group_sizes, backend=backend).astype(dtype)
 
 
 def run_ternary_experts(weights, xs: Array, group_sizes: Array, *, backend: str = "auto",
@@ -111,3 +135,40 @@ class TernarySwiGLUExperts(SwiGLUExperts):
   def run(self, weights, xs, group_sizes):
     return run_ternary_experts(weights, xs, group_sizes, backend=self.gmm_backend,
                                dtype=self.dtype)
+
+
+class PackedTernarySwiGLUExperts(nn.Module):
+  """The ternary bank in its inference form (``model.moe.expert_bank=ternary_packed``): 2-bit
+  codes + scales as parameters (uint8 and float32), 16x less routed-expert memory than float32.
+  Made from a trained ``ternary_swiglu`` run by ``python -m moejax.convert --from=moejax
+  --to=packed``; it has no gradient, so such a workdir evaluates and samples but does not
+  train."""
+  num_experts: int
+  d_model: int
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  gmm_backend: str = "auto"
+
+  def setup(self):
+    e, d, h = self.num_experts, self.d_model, self.hidden
+    zero = lambda shape: (lambda key: jnp.full(shape, 0b01010101, jnp.uint8))   # codes 0
+    shapes = {"wi_packed": (e, plane_rows(d), 2 * h), "wi_scale": (e, 2 * h),
+              "wo_packed": (e, plane_rows(h), d), "wo_scale": (e, d)}
+    self.packed = tuple(
+        self.param(n, nn.with_logical_partitioning(
+            zero(shapes[n]) if n.endswith("packed") else (lambda key, s=shapes[n]: jnp.ones(s)),
+            ("expert",) + (None,) * (len(shapes[n]) - 1)))
+        for n in PACKED_NAMES)
+
+  def weights(self):
+    return self.packed
+
+  def weight_specs(self):
+    return tuple(P("expert") for _ in PACKED_NAMES)
+
+  def run(self, weights, xs, group_sizes):
+    return run_packed_ternary_experts(weights, xs, group_sizes, backend=self.gmm_backend,
+                                      dtype=self.dtype)
+
+  def __call__(self, xs: Array, group_sizes: Array) -> Array:
+    return self.run(self.weights(), xs, group_sizes)

@@ -174,20 +174,28 @@ def _f32(x):
   return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
 
 
-def _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs, out_dtype):
-  lhs, rhs = _f32(lhs), _f32(rhs)
+def _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs, out_dtype,
+               weight_at=None, shape=None):
+  """The tile loop. ``weight_at(g) -> [K, N]`` with ``shape=(L, N)`` replaces ``rhs[g]`` (a
+  weight built per pair, e.g. decoded from packed codes: ops/ternary_matmul.py)."""
+  lhs = _f32(lhs)
+  if weight_at is None:
+    rhs = _f32(rhs)
+    weight_at, shape = (lambda g: rhs[g]), (rhs.shape[0], rhs.shape[1] if transpose_rhs
+                                             else rhs.shape[2])
   m = lhs.shape[0]
   tile_m = min(tile_m, max(m, 1))
   s = make_group_metadata(group_sizes, m, tile_m, group_offset=group_offset,
-                          num_local=rhs.shape[0])
+                          num_local=shape[0])
   x = _pad_rows(lhs, tile_m)
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  n = shape[1]
   dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
   def body(p, out):
     r0 = s.tile[p] * tile_m
     xt = jax.lax.dynamic_slice_in_dim(x, r0, tile_m)
-    y = jax.lax.dot_general(xt, rhs[s.group[p]], dims, preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(xt, weight_at(s.group[p]), dims,
+                            preferred_element_type=jnp.float32)
     y = jnp.where(_row_mask(s, p, tile_m)[:, None], y, 0.0)
     # Read-modify-write: a tile shared by two groups gets both contributions. (Skipping the read
     # for unshared tiles with lax.cond measured slower on CPU.)

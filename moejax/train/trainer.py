@@ -224,6 +224,10 @@ class Trainer:
     """
     if progress not in ("log", "bar", None):
       raise ValueError(f"progress must be 'log', 'bar' or None, got {progress!r}")
+    if self.model.cfg.moe is not None and self.model.cfg.moe.expert_bank == "ternary_packed":
+      raise ConfigError("model.moe.expert_bank='ternary_packed' is the inference form of ternary "
+                        "experts (2-bit codes have no gradient): train with 'ternary_swiglu' "
+                        "and pack with python -m moejax.convert --from=moejax --to=packed")
     t, start = self.config.train, self.step
     stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
     if steps is not None:
