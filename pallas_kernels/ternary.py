@@ -35,8 +35,8 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.metadata import GroupMetadata
 
 Array = jax.Array
-PLANE_ALIGN = 32      # plane rows: a multiple of uint8's sublane tile on TPU (32, 128); a
-                      # contraction that is a multiple of 128 (model widths) needs no padding
+PLANE_ALIGN = 8       # plane rows stored: a contraction that is a multiple of 32 needs no
+                      # padding; kernels that need more (Triton's dot: 16) pad at call time
 
 
 def plane_rows(k: int) -> int:
@@ -190,8 +190,8 @@ def _tiling(target: str, m: int, p_rows: int, n: int, dtype) -> tuple[int, int, 
     tk = next((t for t in (512, 256, 128) if p_rows % t == 0), p_rows)
     return min(128, _round_up(m, sub)), tk, min(512, _round_up(n, 128))
   if target == "gpu":
-    return (min(64, max(16, 1 << (max(m, 1) - 1).bit_length())), 64 if p_rows % 64 == 0 else 32,
-            64)
+    tk = next(t for t in (64, 32, 16) if p_rows % t == 0)
+    return min(64, max(16, 1 << (max(m, 1) - 1).bit_length())), tk, 64
   raise ValueError(f"pallas_kernels target={target!r} is unknown; allowed: ('tpu', 'gpu')")
 
 
@@ -199,12 +199,18 @@ def _forward(lhs, packed, scale, group_sizes, group_offset, target, interpret, o
   from pallas_kernels.metadata import make_group_metadata
   m = lhs.shape[0]
   p_rows, n = packed.shape[1], packed.shape[2]
-  tm, tk, tn = _tiling(target, m, p_rows, n, lhs.dtype)
+  tm, tk, tn = _tiling(target, m, _round_up(p_rows, 16) if target == "gpu" else p_rows, n,
+                       lhs.dtype)
   mp, np_ = _round_up(m, tm), _round_up(n, tn)
   meta = make_group_metadata(group_sizes, mp, tm, group_offset=group_offset,
                              num_local=packed.shape[0])
   x = jnp.pad(lhs, ((0, mp - m), (0, 4 * p_rows - lhs.shape[1])))
   w = jnp.pad(packed, ((0, 0), (0, 0), (0, np_ - n)))
+  p_kernel = _round_up(p_rows, 16) if target == "gpu" else p_rows
+  if p_kernel != p_rows:         # zero lhs columns meet the padded planes' rows
+    x = jnp.pad(x.reshape(mp, 4, p_rows), ((0, 0), (0, 0), (0, p_kernel - p_rows)))
+    x = x.reshape(mp, 4 * p_kernel)
+    w = jnp.pad(w, ((0, 0), (0, p_kernel - p_rows), (0, 0)))
   s = jnp.pad(scale.astype(jnp.float32).reshape(packed.shape[0], 1, n),
               ((0, 0), (0, 0), (0, np_ - n)))
   kernel = gmm_tpu if target == "tpu" else gmm_gpu

@@ -88,7 +88,7 @@ def test_gpu_kernel_in_the_interpreter_and_group_offset():
 def test_clear_errors():
   codes, scale, x, sizes = _problem()
   packed = jnp.asarray(pk.pack_planes(codes))
-  with pytest.raises(ValueError, match="needs packed uint8 planes of 32 rows"):
+  with pytest.raises(ValueError, match="needs packed uint8 planes of 16 rows"):
     gmm_ternary(jnp.asarray(x), packed.astype(jnp.int32), scale, jnp.asarray(sizes))
   with pytest.raises(ValueError, match="scale needs L \\* N = 96"):
     pk.gmm_ternary(jnp.asarray(x), packed, jnp.ones((4, 5)), jnp.asarray(sizes), target="gpu",
