@@ -122,12 +122,15 @@ UP_MOE = ("python run.py --config=configs/gshard.py --workdir=runs/gshard_up --m
           "--config.upcycle.source=runs/dense --config.upcycle.method=split")
 UP_TRAIN = ("python run.py --config=configs/gshard.py --workdir=runs/gshard_up --mode=train "
             "--config.upcycle.source=runs/dense --config.upcycle.method=split")
+UP_MOTE = ("python run.py --config=configs/mote.py --workdir=runs/mote --mode=train "
+           "--config.upcycle.source=runs/dense")
+PACK = "python -m moejax.convert --from=moejax --to=packed runs/mote runs/mote_packed"
 
 
 @pytest.mark.slow
-@runs(UP_DENSE, UP_MOE, UP_TRAIN)
+@runs(UP_DENSE, UP_MOE, UP_TRAIN, UP_MOTE, PACK)
 def test_upcycling_commands():
-  dirs = [os.path.join(ROOT, "runs", n) for n in ("dense", "gshard_up")]
+  dirs = [os.path.join(ROOT, "runs", n) for n in ("dense", "gshard_up", "mote", "mote_packed")]
   for d in dirs:
     shutil.rmtree(d, ignore_errors=True)
   try:
@@ -138,6 +141,10 @@ def test_upcycling_commands():
     assert "dense source | step 12" in out and "up-cycled (split) | step 0" in out
     out = _run(f"{UP_TRAIN} {small}", ROOT)
     assert "final | step 12" in out
+    out = _run(f"{UP_MOTE} {small}", ROOT)
+    assert "up-cycled from runs/dense" in out and "final | step 12" in out
+    out = _run(PACK, ROOT)
+    assert "packed the ternary experts of runs/mote" in out and "routed experts" in out
   finally:
     for d in dirs:
       shutil.rmtree(d, ignore_errors=True)
