@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.errors import ConfigError
 from moejax.layers.dense import kernel_init, swiglu
-from moejax.ops.grouped_matmul import default_tile_m, gmm, resolve_backend
+from moejax.ops.grouped_matmul import gmm
 
 Array = jax.Array
 
@@ -127,38 +127,6 @@ def local_sizes(sizes, num_local: int) -> tuple[int, ...]:
   return local
 
 
-# Row buckets of a prefix block (fractions of M), see ``_prefix_block``.
-ROW_BUCKETS = (8, 4, 2, 1)
-
-
-def _swiglu_block(xs, wi, wo, group_sizes, first, *, backend, tile_m):
-  count, d, _, w = wi.shape
-  up = gmm(xs, wi.reshape(count, d, 2 * w), group_sizes, group_offset=first, backend=backend,
-           tile_m=tile_m)
-  return gmm(swiglu(up.reshape(-1, 2, w)), wo, group_sizes, group_offset=first, backend=backend,
-             tile_m=tile_m)
-
-
-def _prefix_block(xs, wi, wo, group_sizes, *, backend, tile_m):
-  """A block whose members are experts 0..n-1 owns the row prefix [0, R), R = their rows. The
-  grouped matmuls skip the other rows already, but the activations between them are [M, w]
-  buffers: for a wide block of few members (the geometric ladder's largest experts) their
-  elementwise work and memory dominate. So the block runs on the first M/b rows for the
-  smallest bucket b in ROW_BUCKETS that holds R (rounded up; lax.switch: only that branch runs, in the
-  backward pass too) and pads its output back to M rows."""
-  m = xs.shape[0]
-  rows = jnp.sum(group_sizes[:wi.shape[0]])
-  sizes = sorted({n for b in ROW_BUCKETS if (n := -(-m // b)) >= tile_m} | {m})
-
-  def branch(n):
-    def f(xs, wi, wo, gs):
-      y = _swiglu_block(xs[:n], wi, wo, gs, 0, backend=backend, tile_m=tile_m)
-      return jnp.pad(y, ((0, m - n), (0, 0))) if n < m else y
-    return f
-  index = jnp.sum(rows > jnp.asarray(sizes[:-1], jnp.int32))
-  return jax.lax.switch(index, [branch(n) for n in sizes], xs, wi, wo, group_sizes)
-
-
 def run_heterogeneous_experts(weights, xs: Array, group_sizes: Array, sizes, *,
                               backend: str = "auto", dtype=jnp.float32) -> Array:
   """rows [M, D] grouped by expert -> [M, D]; weights = (wi blocks, wo blocks), block j:
@@ -166,18 +134,14 @@ def run_heterogeneous_experts(weights, xs: Array, group_sizes: Array, sizes, *,
   wis, wos = weights
   sizes = local_sizes(sizes, group_sizes.shape[0])
   xs = xs.astype(dtype)
-  num = group_sizes.shape[0]
-  tile_m = default_tile_m(xs.shape[0], num)
-  # Row buckets on the CPU path (measured there); the accelerator kernels take the full rows.
-  bucketed = resolve_backend(backend) == "xla"
   y = None
   for blk, wi, wo in zip(column_blocks(sizes), wis, wos):
+    d, w = wi.shape[1], blk.width
     for first, count, pos in blk.runs():
-      wi_r, wo_r = wi[pos:pos + count].astype(dtype), wo[pos:pos + count].astype(dtype)
-      if bucketed and first == 0 and 2 * count <= num:
-        out = _prefix_block(xs, wi_r, wo_r, group_sizes, backend=backend, tile_m=tile_m)
-      else:
-        out = _swiglu_block(xs, wi_r, wo_r, group_sizes, first, backend=backend, tile_m=tile_m)
+      up = gmm(xs, wi[pos:pos + count].astype(dtype).reshape(count, d, 2 * w), group_sizes,
+               group_offset=first, backend=backend)
+      out = gmm(swiglu(up.reshape(-1, 2, w)), wo[pos:pos + count].astype(dtype), group_sizes,
+                group_offset=first, backend=backend)
       y = out if y is None else y + out
   return y
 

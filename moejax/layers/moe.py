@@ -386,13 +386,15 @@ PARAM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def size_metrics(routing: RoutingResult, sizes, d_model: int) -> dict[str, Array]:
   """Heterogeneous experts: routed parameters per token (mean, and its PARAM_QUANTILES) and
-  the share of routed slots per distinct expert size (ascending sizes)."""
+  the share of the computed routed slots per distinct expert size (ascending sizes; sums to 1,
+  unused top-p slots and null experts left out)."""
   per_token = losses.routed_params_per_token(routing, sizes, d_model)
+  counts = losses.expert_counts(routing.expert_index, routing.num_experts)[:len(sizes)]
   distinct = np.unique(sizes)
   onehot = jnp.asarray(np.asarray(sizes)[:, None] == distinct[None, :], jnp.float32)
   return {"routed_params": jnp.mean(per_token),
           "routed_params_quantiles": jnp.quantile(per_token, jnp.asarray(PARAM_QUANTILES)),
-          "size_load": losses.expert_fraction(routing)[:len(sizes)] @ onehot}
+          "size_load": counts @ onehot / jnp.maximum(jnp.sum(counts), 1.0)}
 
 
 class MoEBlock(nn.Module):

@@ -47,14 +47,13 @@ def _full_weights(params, sizes):
 ORDERED = ((48, 32, 16, 16, 8), (5, 0, 7, 3, 9))        # largest first; one expert gets nothing
 ANY_ORDER = ((8, 64, 8, 24, 64, 8), (3, 4, 0, 6, 2, 5))  # runs of consecutive block members
 ONE_LARGE = ((96, 8, 8, 8, 8, 8, 8, 8), (2, 3, 1, 4, 0, 2, 5, 3))
-# 256 rows: the wide block of expert 0 runs on a row bucket (32 rows here, all 256 below)
+# a wide expert with few of 256 rows (row tiles of 32: several tiles per group)
 FEW_ROWS_WIDE = ((64, 16, 16, 16, 16, 16, 16, 16), (10, 40, 30, 50, 20, 40, 30, 33))
-MANY_ROWS_WIDE = ((64, 16, 16, 16, 16, 16, 16, 16), (200, 8, 8, 8, 8, 8, 8, 5))
 
 
 @pytest.mark.parametrize("sizes,counts,backend", [
     (*ORDERED, "xla"), (*ANY_ORDER, "xla"), (*ONE_LARGE, "xla"), (*FEW_ROWS_WIDE, "xla"),
-    (*MANY_ROWS_WIDE, "xla"), (*ANY_ORDER, "reference"), (*ANY_ORDER, "ragged_dot")])
+    (*ANY_ORDER, "reference"), (*ANY_ORDER, "ragged_dot")])
 def test_bank_equals_a_loop_of_swiglu_ffns_of_the_listed_sizes(sizes, counts, backend):
   bank, params = _bank(sizes)
   bank = bank.clone(gmm_backend=backend)
@@ -197,8 +196,8 @@ def test_parameter_penalty_and_size_metrics_match_numpy():
   np.testing.assert_allclose(m["routed_params"], per_token.mean(), rtol=1e-6)
   np.testing.assert_allclose(m["routed_params_quantiles"],
                              np.quantile(per_token, [0.1, 0.25, 0.5, 0.75, 0.9]), rtol=1e-6)
-  # share of routed slots per size, sizes ascending (8, 16, 32, 64)
-  share = np.array([count[4], count[2] + count[3], count[1], count[0]]) / (t * k)
+  # share of the computed slots per size, sizes ascending (8, 16, 32, 64)
+  share = np.array([count[4], count[2] + count[3], count[1], count[0]]) / count.sum()
   np.testing.assert_allclose(m["size_load"], share, rtol=1e-6)
 
 
@@ -232,8 +231,7 @@ def test_block_trains_and_logs_sizes():
   assert all(float(jnp.abs(v).sum()) > 0 for v in jax.tree.leaves(g["experts"]))
   inter = st["intermediates"]
   assert inter["size_load"][0].shape == (3,)
-  np.testing.assert_allclose(float(inter["size_load"][0].sum()),
-                             float(inter["experts_per_token"][0]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(inter["size_load"][0].sum()), 1.0, rtol=1e-6)
 
 
 def test_upcycling_and_hf_export_refuse_heterogeneous_experts():
