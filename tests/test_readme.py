@@ -271,6 +271,17 @@ def test_compare_hmoe_command(tmp_path):
     assert os.path.isfile(tmp_path / "out" / name), name
 
 
+MOTE_CMD = "python experiments/compare_mote.py --data_path=../shared/data/tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+@runs(MOTE_CMD)
+def test_compare_mote_command(tmp_path):
+  out, text = _run_experiment(MOTE_CMD, "--quick --steps=3 --seeds=0 --noestimate", tmp_path)
+  assert "mote vs fp_equal_memory" in text and "routed_mib" in text, out
+  assert os.path.isfile(tmp_path / "out" / "memory.png")
+
+
 @pytest.mark.slow
 def test_bench_smoke(tmp_path):
   out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
