@@ -46,6 +46,7 @@ from absl import app, flags  # noqa: E402
 from moejax.layers.dense import swiglu  # noqa: E402
 from moejax.layers.dispatch import combine, dispatch, plan_dropless  # noqa: E402
 from moejax.layers.experts import run_swiglu_experts  # noqa: E402
+from moejax.ops.grouped_matmul import gmm  # noqa: E402
 from moejax.layers.heterogeneous import (LADDERS, column_blocks, expert_size_ladder,  # noqa: E402
                                          run_heterogeneous_experts)
 
@@ -62,6 +63,9 @@ _ONLY = flags.DEFINE_string("only", "", "Run only shapes whose name contains thi
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the throughput-vs-tokens sweep (PNG).")
 _PROFILE = flags.DEFINE_bool("profile", True, "Also profile the fine-grained layer per op.")
 _HMOE = flags.DEFINE_bool("hmoe", True, "Also time heterogeneous experts on the paper's ladders.")
+_HMOE_PROFILE = flags.DEFINE_bool(
+    "hmoe_profile", False, "Also time both layers with the SwiGLU activation removed (the "
+    "grouped matmuls, dispatch and combine only): where the heterogeneous layer's time goes.")
 
 SHAPES = {  # name: (T, D, F, E, k, routing)
     "balanced E16 k2 F1024": (4096, 512, 1024, 16, 2, "balanced"),
@@ -158,8 +162,19 @@ def moe_case(t, d, f, e, k, kind, name, key):
   return jax_case(f"moejax/{backend}@{align}", forward, params, x, idx, w)
 
 
-def hmoe_case(t, d, sizes, k, key):
-  """The heterogeneous bank (column blocks) behind the same dispatch as ``moe_case``."""
+def _matmuls_only(p, xs, group_sizes, sizes):
+  """The heterogeneous bank's grouped matmuls with the activation removed (gate half only)."""
+  y = 0
+  for blk, wi, wo in zip(column_blocks(sizes), *p):
+    c, d, _, w = wi.shape
+    up = gmm(xs, wi.reshape(c, d, 2 * w), group_sizes, backend="xla")
+    y = y + gmm(up[:, :w], wo, group_sizes, backend="xla")
+  return y
+
+
+def hmoe_case(t, d, sizes, k, key, activation=True):
+  """The heterogeneous bank (column blocks) behind the same dispatch as ``moe_case``; without
+  ``activation``: its grouped matmuls only (``_matmuls_only``)."""
   e = len(sizes)
   idx, w = routing(t, e, k, "balanced")
   keys = iter(jax.random.split(key, 2 * len(sizes) + 1))
@@ -172,10 +187,12 @@ def hmoe_case(t, d, sizes, k, key):
 
   def forward(p, x, idx, w):
     plan = plan_dropless(idx, e)
-    ys = run_heterogeneous_experts(p, dispatch(x, plan), plan.group_sizes, sizes,
-                                   backend="xla", dtype=x.dtype)
+    xs = dispatch(x, plan)
+    ys = (run_heterogeneous_experts(p, xs, plan.group_sizes, sizes, backend="xla", dtype=x.dtype)
+          if activation else _matmuls_only(p, xs, plan.group_sizes, sizes))
     return combine(ys, plan, w)
-  return jax_case("heterogeneous", forward, (wis, wos), x, jnp.asarray(idx), jnp.asarray(w))
+  return jax_case("heterogeneous" if activation else "heterogeneous, matmuls only", forward,
+                  (wis, wos), x, jnp.asarray(idx), jnp.asarray(w))
 
 
 def run_hmoe(repeats):
@@ -184,11 +201,15 @@ def run_hmoe(repeats):
   if _QUICK.value:
     t, d, f = t // 8, d // 4, f // 4
   key, out = jax.random.key(0), []
-  for ladder in LADDERS:
+  for ladder in LADDERS[:1] if _QUICK.value else LADDERS:
     sizes = expert_size_ladder(ladder, e, e * f)
     cases = [moe_case(t, d, f, e, k, "balanced", "xla", key), hmoe_case(t, d, sizes, k, key),
              moe_case(t, d, max(sizes), e, k, "balanced", "xla", key)]
     cases[0].impl, cases[2].impl = "homogeneous", "padded to max"
+    if _HMOE_PROFILE.value:
+      cases += [hmoe_case(t, d, sizes, k, key, activation=False),
+                hmoe_case(t, d, (f,) * e, k, key, activation=False)]
+      cases[-1].impl = "homogeneous, matmuls only"
     sec = measure(cases, repeats)
     rows = [{"impl": c.impl, "seconds": sec[c.impl], "x_homogeneous": sec["homogeneous"] /
              sec[c.impl], "peak_bytes": c.peak_bytes} for c in cases]

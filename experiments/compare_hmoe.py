@@ -37,6 +37,8 @@ _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_hmoe", "Outpu
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_hmoe", "Run directories (resumable).")
 _ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
+_CONFIGS = flags.DEFINE_list("configs", None, "Subset of CONFIGS (default: all; the first is "
+                             "the baseline of the comparisons).")
 
 P = "model.moe."
 HOMOGENEOUS = {P + "expert_size_ladder": "none", P + "parameter_penalty_weight": 0.0,
@@ -105,14 +107,20 @@ def plot_sizes(result, path: str) -> None:
 def main(argv):
   del argv
   logs.setup_console_logging()
+  names = _CONFIGS.value or list(CONFIGS)
+  unknown = [n for n in names if n not in CONFIGS]
+  if unknown or "hmoe_topk" not in names and "hmoe_topp" not in names:
+    raise app.UsageError(f"--configs: unknown {unknown} or no HMoE config; allowed: "
+                         f"{', '.join(CONFIGS)}")
   configs = {n: setups.experiment_config(
       "hmoe", size=_SIZE.value, steps=_STEPS.value, data_path=_DATA.value, quick=_QUICK.value,
-      overrides=o) for n, o in CONFIGS.items()}
+      overrides=CONFIGS[n]) for n in names}
   study = Study(configs, [int(s) for s in _SEEDS.value], _WORK.value, collect=routed_usage)
   result = study.run(estimate=_ESTIMATE.value)
-  names = list(CONFIGS)
-  pairs = [(n, names[0]) for n in names[1:]] + [("hmoe_topp", "moe_topp")]
-  sizes = configs["hmoe_topk"].model.moe
+  pairs = [(n, names[0]) for n in names[1:]]
+  if {"hmoe_topp", "moe_topp"} <= set(names[1:]):
+    pairs.append(("hmoe_topp", "moe_topp"))
+  sizes = configs["hmoe_topk" if "hmoe_topk" in names else "hmoe_topp"].model.moe
   from moejax.layers.moe import MoESpec
   ladder = MoESpec.from_config(sizes).routed_sizes
   text = "\n".join([

@@ -45,6 +45,7 @@ _OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_mote", "Outpu
 _WORK = flags.DEFINE_string("work_root", "workdir/compare_mote", "Run directories (resumable).")
 _ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
+_CONFIGS = flags.DEFINE_list("configs", None, "Subset of the up-cycled configs (default: all).")
 
 P = "model.moe."
 UPCYCLED = {
@@ -100,21 +101,23 @@ def main(argv):
   del argv
   logs.setup_console_logging()
   seeds = [int(s) for s in _SEEDS.value]
+  names = _CONFIGS.value or list(UPCYCLED)
+  if [n for n in names if n not in UPCYCLED] or "mote" not in names:
+    raise app.UsageError(f"--configs: choose from {', '.join(UPCYCLED)}, including 'mote'")
   dense = Study({"dense": _config("dense", {})}, seeds, _WORK.value)
   runs = dense.run(estimate=_ESTIMATE.value).runs
   for seed in seeds:
     source = dense.workdir("dense", seed)
     configs = {n: _config("mote", {**o, "upcycle.source": source, "upcycle.method": "copy"})
-               for n, o in UPCYCLED.items()}
+               for n, o in UPCYCLED.items() if n in names}
     study = Study(configs, [seed], _WORK.value, collect=memory)
     runs += study.run(estimate=_ESTIMATE.value and seed == seeds[0]).runs
-  result = StudyResult(["dense"] + list(UPCYCLED), seeds, runs)
-  names = list(UPCYCLED)
+  result = StudyResult(["dense"] + names, seeds, runs)
   text = "\n".join([
       f"configs/mote.py up-cycled from configs/dense.py, size {_SIZE.value}, {_STEPS.value} "
       f"dense + {_STEPS.value} up-cycled steps, seeds {seeds} (dense: the starting point)", "",
       result.table(METRICS), "", "Paired differences of val_loss:", "",
-      result.comparison_table("val_loss", [("mote", n) for n in names[1:]])])
+      result.comparison_table("val_loss", [("mote", n) for n in names if n != "mote"])])
   report.write_study(result, _OUT.value, text, title="MoTE vs full precision: mean ± 1 std",
                      curves=("val_loss",))
   plot_memory(result, os.path.join(_OUT.value, "memory.png"))
