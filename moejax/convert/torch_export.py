@@ -17,8 +17,9 @@ from moejax.convert.hf import _progress
 from moejax.convert.safetensors_io import ShardedWriter
 from moejax.errors import ConversionError
 
-ROUTERS = ("topk_softmax", "sigmoid")   # the others (top-p, expert choice, hash, recurrent,
-                                        # stochastic) route in ways torch_model.py does not have
+ROUTERS = ("topk_softmax", "top_p", "sigmoid")   # the others (expert choice, hash, recurrent,
+                                                 # stochastic) route in ways torch_model.py
+                                                 # does not have
 
 
 def torch_config(cfg) -> dict:

@@ -12,7 +12,7 @@ attention (code/paper/binary gates, learned or query-norm routers), ternary expe
 2-bit packed weights + scales, 8-bit activations), soft merging of experts (SMEAR, Lory),
 null experts (AdaMoE), Chain-of-Experts iterations, heterogeneous expert sizes (HMoE), plus
 everything of the HF families (GQA, q/k norms, q/k/v biases, latent attention, top-k softmax
-and sigmoid group-limited routers, gated shared experts). Inference only, float32; weights
+top-p and sigmoid group-limited routers, gated shared experts). Inference only, float32; weights
 keep moejax's names ("layer_0/attn/query").
 """
 from __future__ import annotations
@@ -157,6 +157,14 @@ class MoejaxForCausalLM(torch.nn.Module):
     """-> (expert index [T, k], gate weight [T, k]); indices >= E are null experts."""
     m = self.c["moe"]
     logits = x @ self.w[f"{name}/kernel"]
+    if m["router"] == "top_p":     # fewest experts reaching top_p (at most routed_k); -1 unused
+      top, index = torch.softmax(logits, dim=-1).topk(m["routed_k"], dim=-1)
+      used = (top.cumsum(-1) - top) < m["top_p"]
+      used[:, 0] = True
+      weight = torch.where(used, top, torch.zeros_like(top))
+      if m["renormalize"]:
+        weight = weight / weight.sum(-1, keepdim=True)
+      return torch.where(used, index, torch.full_like(index, -1)), weight
     if m["router"] == "topk_softmax":
       if m["null_experts"]:
         logits = torch.cat([logits, x @ self.w[f"{name}/null_kernel"]], dim=-1)

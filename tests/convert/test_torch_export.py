@@ -21,8 +21,9 @@ MOH = {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
 # Each variant combines several options (one compilation each); all dropless (the export
 # routes without capacity).
 VARIANTS = {
-    "ternary_moh_code_qk_bias_dense_first": ("deepseekmoe", {
+    "ternary_top_p_moh_code_qk_bias_dense_first": ("deepseekmoe", {
         **MOH, "model.moe.expert_bank": "ternary_swiglu", "model.moe.shared_trainable": False,
+        "model.moe.router": "top_p", "model.moe.top_p": 0.3, "model.moe.top_k": 4,
         "model.qk_norm": "full", "model.qkv_bias": True, "model.moe.first_dense_layers": 1,
         "model.num_layers": 3}),
     "lory_gated_shared_moh_binary_query_norm": ("deepseekmoe", {
@@ -101,7 +102,7 @@ def test_exported_variants_match_moejax_without_jax(exports):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
   # Ternary experts are stored as 2-bit codes + scales, never as latent floats.
   from safetensors.numpy import load_file
-  t = load_file(out["ternary_moh_code_qk_bias_dense_first"][0] / "model.safetensors")
+  t = load_file(out["ternary_top_p_moh_code_qk_bias_dense_first"][0] / "model.safetensors")
   packed = t["layer_1/moe/experts/wi/packed"]           # layer 0 is dense in this variant
   assert packed.dtype == np.uint8 and packed.shape == (8, 32, 2, 4)    # 16 hidden / 4 per byte
   assert "layer_1/moe/experts/wi" not in t and "layer_1/moe/experts/wo" not in t
