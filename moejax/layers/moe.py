@@ -275,7 +275,9 @@ class MoESpec:
 
   def __post_init__(self):
     # Lists from JSON configs become tuples: the spec is hashable and compares by value.
-    object.__setattr__(self, "expert_sizes", tuple(int(h) for h in self.expert_sizes))
+    # (non-integers are kept, for validation to name them)
+    object.__setattr__(self, "expert_sizes", tuple(
+        int(h) if isinstance(h, (int, np.integer)) else h for h in self.expert_sizes))
     check_moe_fields(self.__dict__)
 
   @classmethod
