@@ -33,6 +33,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.metadata import GroupMetadata
+from pallas_kernels.ops import _round_up
+from pallas_kernels.tpu import _prefetch, _row_mask
 
 Array = jax.Array
 PLANE_ALIGN = 8       # plane rows stored: a contraction that is a multiple of 32 needs no
@@ -72,10 +74,6 @@ def unpack_planes(packed: Array, k: int) -> Array:
   return jnp.concatenate(planes, axis=1)[:, :k]
 
 
-def _prefetch(meta: GroupMetadata):
-  return (meta.tile, meta.group, meta.valid.astype(jnp.int32), meta.starts, meta.ends)
-
-
 @functools.partial(jax.jit, static_argnames=("tm", "tk", "tn", "interpret"))
 def gmm_tpu(lhs: Array, packed: Array, scale: Array, meta: GroupMetadata, existing: Array, *,
             tm: int, tk: int, tn: int, interpret=False) -> Array:
@@ -106,9 +104,7 @@ def gmm_tpu(lhs: Array, packed: Array, scale: Array, meta: GroupMetadata, existi
     def _():
       first = (p == 0) | (tile_ref[p] != tile_ref[jnp.maximum(p - 1, 0)])
       base = jnp.where(first, existing_ref[...], out_ref[...])
-      rows = tile_ref[p] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
-      g = group_ref[p]
-      mask = (rows >= starts_ref[g]) & (rows < ends_ref[g]) & (valid_ref[p] != 0)
+      mask = _row_mask(tile_ref, group_ref, valid_ref, starts_ref, ends_ref, p, (tm, tn))
       out = acc_ref[...] * s_ref[...].astype(jnp.float32)
       out_ref[...] = jnp.where(mask, out.astype(out_ref.dtype), base)
 
@@ -180,10 +176,6 @@ def gmm_gpu(lhs: Array, packed: Array, scale: Array, meta: GroupMetadata, existi
 
 
 # ------------------------------------------------------------------ differentiable entry point
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _tiling(target: str, m: int, p_rows: int, n: int, dtype) -> tuple[int, int, int]:
   sub = 16 if jnp.dtype(dtype).itemsize == 2 else 8
   if target == "tpu":
