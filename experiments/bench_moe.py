@@ -47,6 +47,7 @@ from moejax.layers.dense import swiglu  # noqa: E402
 from moejax.layers.dispatch import combine, dispatch, plan_dropless  # noqa: E402
 from moejax.layers.experts import run_swiglu_experts  # noqa: E402
 from moejax.ops.grouped_matmul import gmm  # noqa: E402
+from moejax.experiment.timing import compiled_memory  # noqa: E402
 from moejax.layers.heterogeneous import (LADDERS, column_blocks, expert_size_ladder,  # noqa: E402
                                          run_heterogeneous_experts)
 
@@ -95,15 +96,6 @@ def routing(t, e, k, kind, seed=0):
   return idx.astype(np.int32), w / w.sum(1, keepdims=True)
 
 
-def _memory(jitted, *args):
-  """(peak, temporaries): arguments + outputs + temporaries - aliased, and temporaries alone."""
-  m = jitted.lower(*args).compile().memory_analysis()
-  if m is None:
-    return None, None
-  return (int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-              - m.alias_size_in_bytes), int(m.temp_size_in_bytes))
-
-
 class Case:
   """One implementation: ``run()`` does a full fwd+bwd step and blocks until it is done."""
 
@@ -128,7 +120,7 @@ def jax_case(name, forward, params, x, *route):
   c = cotangent(*x.shape).astype(dtype)
   loss = lambda p, x, c, *r: jnp.sum(forward(p, x, *r).astype(jnp.float32) * c)
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  peak, temp = _memory(step, params, x, c, *route)
+  peak, temp = compiled_memory(step, params, x, c, *route)
   return Case(name, lambda: jax.block_until_ready(step(params, x, c, *route)), peak, temp)
 
 

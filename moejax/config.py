@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
                                  # | paper (the paper's equations) | binary_ste (0/1 gates)
   h.router = "learned"           # learned | query_norm (parameter-free; needs binary_ste)
   h.balance_weight = 0.01        # head load-balance loss weight (beta)
+  h.head_compute = "all"         # all (compute every head, mask) | selected (only the shared
+                                 # and each token's selected heads; grouped matmuls with
+                                 # model.moe.gmm_backend; not with binary_ste)
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0              # N; 0 = dense model
@@ -105,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.merge = "none"               # soft merging instead of routing: none | sequence (SMEAR,
                                  # not causal) | causal_segments (Lory)
   e.merge_segment = 64           # causal_segments: tokens per segment (divides data.seq_len)
+  e.merge_inference = "segments"  # causal_segments when sampling: segments (as trained) |
+                                 # prompt (Lory: one expert merged from the prompt's mean)
   e.iterations = 1               # Chain-of-Experts: routed iterations in one layer, residual
                                  # between them, experts shared, a router each
   # Heterogeneous experts (HMoE): one hidden size per routed expert, as a list, or a ladder
@@ -261,6 +266,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     routed = m.num_heads - m.moh.shared_heads
     _require(1 <= m.moh.active_heads <= routed, "model.moh.active_heads",
              f"must be in [1, num_heads - shared_heads = {routed}], got {m.moh.active_heads}")
+    _one_of(m.moh.head_compute, "model.moh.head_compute", ("all", "selected"))
+    _require(m.moh.head_compute == "all" or m.moh.gating != "binary_ste",
+             "model.moh.head_compute", "'selected' needs model.moh.gating 'code' or 'paper': "
+             "binary_ste's straight-through gradient reads every head's output")
     _require(m.moh.balance_weight >= 0, "model.moh.balance_weight",
              f"must be >= 0, got {m.moh.balance_weight}")
 

@@ -2,6 +2,8 @@
 
 The expert-load panel shows, for each MoE layer, the share of routed slots each expert received
 at the last logged step; a flat row is a balanced layer, a bright column a collapsed one.
+Mixture-of-heads attention adds the same panel for its routed heads (share of tokens that
+selected each head).
 Heterogeneous experts add a panel of routed parameters per token over training, per layer
 (mean, and the 10-90% band of tokens).
 ``plot_history`` draws from records (``Trainer.history`` or ``metrics.jsonl``) and returns the
@@ -17,16 +19,17 @@ from moejax.train.metrics import read_metrics
 
 
 def plot_history(records: list[dict]):
-  """-> matplotlib Figure: train/validation loss, and expert load per MoE layer."""
+  """-> matplotlib Figure: train/validation loss, and expert (and head) load per layer."""
   import matplotlib.pyplot as plt
 
   train = [r for r in records if r.get("split") == "train"]
   val = [r for r in records if r.get("split") == "val"]
-  loads = {k.split("/")[0]: v for k, v in (train[-1].items() if train else [])
-           if k.endswith("/expert_load")}
+  last = train[-1].items() if train else []
+  loads = {k.split("/")[0]: v for k, v in last if k.endswith("/expert_load")}
+  heads = {k.split("/")[0]: v for k, v in last if k.endswith("/head_load")}
   params = sorted({k.split("/")[0] for r in train for k in r if k.endswith("/routed_params")},
                   key=lambda n: int(n.split("_")[-1]))
-  n = 1 + bool(loads) + bool(params)
+  n = 1 + bool(loads) + bool(heads) + bool(params)
   fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
   ax = axes[0, 0]
   ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
@@ -35,14 +38,20 @@ def plot_history(records: list[dict]):
   ax.set(xlabel="step", ylabel="nats / token", title="loss")
   ax.grid(alpha=0.3)
   ax.legend()
-  if loads:
-    names = sorted(loads, key=lambda n: int(n.split("_")[-1]))
-    grid = np.array([loads[n] for n in names])
-    ax = axes[0, 1]
+  panel = 1
+  for found, what, label in ((loads, "expert", "share of routed slots"),
+                             (heads, "routed head", "share of tokens selecting the head")):
+    if not found:
+      continue
+    names = sorted(found, key=lambda n: int(n.split("_")[-1]))
+    grid = np.array([found[n] for n in names])
+    ax = axes[0, panel]
+    panel += 1
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    ax.set(xlabel="expert", yticks=range(len(names)), yticklabels=names,
-           title=f"expert load at step {train[-1]['step']} (uniform = {1 / grid.shape[1]:.3f})")
-    fig.colorbar(im, ax=ax, label="share of routed slots")
+    uniform = 1 / grid.shape[1] if what == "expert" else float(grid.sum(1).mean()) / grid.shape[1]
+    ax.set(xlabel=what, yticks=range(len(names)), yticklabels=names,
+           title=f"{what} load at step {train[-1]['step']} (uniform = {uniform:.3f})")
+    fig.colorbar(im, ax=ax, label=label)
   if params:
     ax = axes[0, -1]
     for name in params:

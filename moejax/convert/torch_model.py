@@ -106,7 +106,7 @@ class MoejaxForCausalLM(torch.nn.Module):
 
   def head_gates(self, i, x, queries):
     """Mixture-of-heads gates [B, L, H] (moejax/layers/moh.py)."""
-    shared, k, gating, router, _ = self.c["moh"]
+    shared, k, gating, router = self.c["moh"][:4]
     L = f"layer_{i}"
     if gating == "binary_ste":
       if router == "query_norm":

@@ -257,7 +257,7 @@ class Study:
                  "tokens_per_sec": float(np.nanmedian([r["tokens_per_sec"] for r in train_rows])),
                  "total_params": total, "active_params": active,
                  "tokens": config.train.steps * config.data.batch_size * config.data.seq_len}
-      for key in ("drop_fraction", "router_entropy", "experts_per_token"):
+      for key in ("drop_fraction", "router_entropy", "experts_per_token", "active_heads"):
         if key in train_rows[-1]:
           metrics[key] = float(np.mean([r[key] for r in train_rows]))
       curves = curves_from_history(history)

@@ -49,7 +49,13 @@ class Attention(nn.Module):
     """Per-head attention outputs [B, L, H, head_dim], the output projection [H, dh, D] and the
     queries [B, L, H, dh] (how heads combine is the caller's: a plain sum here, gated in
     mixture-of-heads, whose parameter-free router reads the queries)."""
-    b, l, d = x.shape
+    q, k, v, wo = self.project(x, positions)
+    return self.attend(q, k, v, positions), wo, q
+
+  def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array, Array]:
+    """-> queries [B, L, H, dh], keys and values [B, L, G, dh] (normed, RoPE applied) and the
+    output projection [H, dh, D]."""
+    d = x.shape[-1]
     h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
     x = x.astype(self.dtype)
     wq = self._weight("query", (d, h, dh), ("embed", "heads", "kv"), 0, (1, 2))
@@ -63,7 +69,14 @@ class Attention(nn.Module):
     k = apply_rope(self._qk_norm(k, "key_norm"), positions, self.rope_theta)
     q = nn.with_logical_constraint(q, heads)
     k, v = nn.with_logical_constraint(k, kv_heads), nn.with_logical_constraint(v, kv_heads)
-    queries = q
+    return q, k, v, wo
+
+  def attend(self, q: Array, k: Array, v: Array, positions: Array, *,
+             constrain: bool = True) -> Array:
+    """Causal attention of q [B, L, H, dh] over k, v [B, L, G, dh] -> [B, L, H, dh]
+    (``constrain=False`` for a subset of heads that need not divide the 'heads' mesh axis)."""
+    b, l, h, dh = q.shape
+    g = k.shape[2]
     q = q.reshape(b, l, g, h // g, dh)
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
@@ -71,7 +84,9 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
-    return nn.with_logical_constraint(out, heads), wo, queries
+    if not constrain:
+      return out
+    return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
 
   def _project(self, x: Array, w: Array, name: str) -> Array:
     y = jnp.einsum("bld,dhk->blhk", x, w)

@@ -12,9 +12,10 @@ arXiv 2405.03133) makes it causal for language modelling (``merge="causal_segmen
 sequence is cut into segments of ``merge_segment`` tokens and segment s uses the weights routed
 from the mean of segment s-1; segment 0, which has no past, uses the uniform average (our
 choice: Lory's first segment is a detail to check). Changing token t then changes only its own
-output and the segments after its segment (tested). Decoding with the re-forward sampler is
-consistent with training; routing once on the prompt, as Lory does at inference, is a
-possible optimisation not implemented here.
+output and the segments after its segment (tested). At inference Lory routes once, on the
+prompt (``merge_inference="prompt"``): when the sampler passes ``prompt_length`` n, every token
+of the sequence uses the one expert merged with p_b = softmax(W_r mean_{t<n} u_{b,t}), so the
+generated tokens never change the merge; "segments" (default) decodes exactly as trained.
 
 The merge is one contraction per layer (einsum over experts of [.., E] x [E, D, 2, H]), costing
 E x the expert's parameters per example or segment; it runs wherever the expert weights live
@@ -39,6 +40,15 @@ def sequence_merge_probs(logits_fn, x: Array) -> Array:
   return jax.nn.softmax(logits_fn(jnp.mean(x, axis=1, keepdims=True)), axis=-1)
 
 
+def prompt_merge_probs(logits_fn, x: Array, prompt_length: Array) -> Array:
+  """Lory at inference: [B, L, D] -> [B, 1, E], routed on the mean of the first
+  ``prompt_length`` (at least 1) positions."""
+  n = jnp.maximum(jnp.asarray(prompt_length, jnp.int32), 1)
+  keep = (jnp.arange(x.shape[1]) < n)[None, :, None]
+  mean = jnp.sum(jnp.where(keep, x, 0), axis=1, keepdims=True) / n.astype(x.dtype)
+  return jax.nn.softmax(logits_fn(mean), axis=-1)
+
+
 def segment_merge_probs(logits_fn, x: Array, segment: int, num_experts: int) -> Array:
   """Lory: [B, L, D] -> [B, S, E] for S = L / segment segments; segment s is routed on the mean
   of segment s-1, segment 0 gets the uniform average."""
@@ -49,12 +59,23 @@ def segment_merge_probs(logits_fn, x: Array, segment: int, num_experts: int) -> 
   return jnp.concatenate([uniform, probs], axis=1)
 
 
+def merge_weights(probs: Array, wi: Array, wo: Array, dtype=jnp.float32) -> tuple[Array, Array]:
+  """The merge: probs [B, S, E] x wi [E, D, 2, H], wo [E, H, D] -> one expert per (b, s),
+  [B, S, D, 2, H] and [B, S, H, D]: one contraction over the experts per weight."""
+  return (jnp.einsum("bse,edch->bsdch", probs.astype(dtype), wi.astype(dtype)),
+          jnp.einsum("bse,ehd->bshd", probs.astype(dtype), wo.astype(dtype)))
+
+
+def grouped_swiglu(x: Array, wi_m: Array, wo_m: Array) -> Array:
+  """x [B, S, G, D] through group (b, s)'s own SwiGLU weights wi_m [B, S, D, 2, H],
+  wo_m [B, S, H, D] -> [B, S, G, D]."""
+  h = jnp.einsum("bsgd,bsdch->bsgch", x.astype(wi_m.dtype), wi_m)
+  return jnp.einsum("bsgh,bshd->bsgd", swiglu(h), wo_m)
+
+
 def merged_swiglu(x: Array, probs: Array, wi: Array, wo: Array, dtype=jnp.float32) -> Array:
   """x [B, S, G, D] (S merge groups of G tokens), probs [B, S, E] -> [B, S, G, D]."""
-  wi_m = jnp.einsum("bse,edch->bsdch", probs.astype(dtype), wi.astype(dtype))   # one contraction
-  wo_m = jnp.einsum("bse,ehd->bshd", probs.astype(dtype), wo.astype(dtype))
-  h = jnp.einsum("bsgd,bsdch->bsgch", x.astype(dtype), wi_m)
-  return jnp.einsum("bsgh,bshd->bsgd", swiglu(h), wo_m)
+  return grouped_swiglu(x, *merge_weights(probs, wi, wo, dtype))
 
 
 class SoftMergeBlock(nn.Module):
@@ -64,13 +85,13 @@ class SoftMergeBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool = True, token_ids=None,
-               router_state=None) -> Array:
-    del deterministic, token_ids, router_state
+  def __call__(self, x: Array, *, prompt_length: Array | None = None) -> Array:
     s = self.spec
     b, l, d = x.shape
     router = _Router(s.num_routed, name="router")
-    if s.merge == "sequence":
+    if s.merge_inference == "prompt" and prompt_length is not None:
+      probs, groups = prompt_merge_probs(router, x, prompt_length), x[:, None]
+    elif s.merge == "sequence":
       probs, groups = sequence_merge_probs(router, x), x[:, None]
     else:
       if l % s.merge_segment:

@@ -26,8 +26,14 @@ gives gates of exactly 0/1 (shared heads 1, selected routed heads 1) with a stra
 estimator (value mask, gradient of the softmax). With every head active this is exactly the
 trained model, so conversion (``upcycle.source`` = the standard-attention run) keeps every
 head's weights and starts from the same function.
-This layer computes every head and masks: the saving of skipped heads needs a kernel that
-gathers only the selected heads' value/output paths (see the README).
+Compute (``head_compute``): "all" computes every head and masks the unselected ones (needed by
+``binary_ste``, whose straight-through gradient reads every head's output). "selected" computes
+only what the routing asks for: the shared heads densely, and for each (token, selected routed
+head) pair its score row, softmax, value sum and output projection, as grouped matmuls with
+the routed heads as the groups (``moejax.ops.gmm``: rows sorted by (head, batch); per group the
+"weights" are that batch row's keys, then its values, then the head's W_O). Query, key and
+value projections stay dense (every key/value is read by some token's selected head, and the
+parameter-free router reads every query). Attention FLOPs of the routed heads fall to K/(h-h_s).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from flax import linen as nn
 
 from moejax.layers.attention import Attention
 from moejax.layers.dense import kernel_init
+from moejax.ops.grouped_matmul import gmm
 
 Array = jax.Array
 
@@ -45,7 +52,7 @@ def head_gates(x: Array, w_shared: Array, w_routed: Array, w_stage: Array, k: in
                gating: str = "code"):
   """x [..., D] -> (gates [..., h], routed probs [..., E], routed top-k mask [..., E])."""
   x = x.astype(jnp.float32)
-  hs, e = w_shared.shape[-1], w_routed.shape[-1]
+  hs, e = (0 if w_shared is None else w_shared.shape[-1]), w_routed.shape[-1]
   stage = jax.nn.softmax(x @ w_stage, axis=-1)                         # [a1, a2]
   logits = x @ w_routed
   probs = jax.nn.softmax(logits, axis=-1)
@@ -89,16 +96,47 @@ def head_balance_loss(probs: Array, mask: Array, k: int) -> Array:
   return e * jnp.sum(f * p)
 
 
+def selected_heads_output(q: Array, k: Array, v: Array, wo: Array, positions: Array, top: Array,
+                          gates: Array, shared: int, backend: str = "auto") -> Array:
+  """Sum over each token's selected routed heads of gate x head output x W_O, computing nothing
+  for the unselected ones.
+
+  q [B, L, H, dh]; k, v [B, L, G, dh]; wo [H, dh, D]; top [B, L, K] routed head indices
+  (0 .. H - shared - 1); gates [B, L, K] -> [B, L, D].
+  """
+  b, l, h, dh = q.shape
+  e, kk = h - shared, top.shape[-1]
+  kv_of = jnp.arange(shared, h) // (h // k.shape[2])           # kv group of each routed head
+  gid = (top * b + jnp.arange(b)[:, None, None]).reshape(-1)   # group (head, batch) of each row
+  order = jnp.argsort(gid, stable=True)
+  sizes = jnp.bincount(gid, length=e * b).astype(jnp.int32)
+  token = (jnp.arange(b * l)[:, None] * jnp.ones((1, kk), jnp.int32)).reshape(-1)[order]
+  rows = jnp.take_along_axis(q[:, :, shared:], top[..., None], axis=2).reshape(-1, dh)[order]
+  per_group = lambda t: jnp.transpose(t[:, :, kv_of], (2, 0, 1, 3)).reshape(e * b, l, dh)
+  scores = gmm(rows, per_group(k), sizes, backend=backend, transpose_rhs=True,
+               preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
+  flat_pos = positions.reshape(-1)
+  causal = positions[token // l] <= flat_pos[token][:, None]   # [N, L]: key pos <= query pos
+  probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
+  out = gmm(probs.astype(q.dtype), per_group(v), sizes, backend=backend)          # [N, dh]
+  out = out * gates.reshape(-1)[order][:, None].astype(out.dtype)
+  y = gmm(out, wo[shared:], sizes.reshape(e, b).sum(axis=1), backend=backend)      # [N, D]
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  return jnp.sum(y[inverse].reshape(b, l, kk, -1), axis=2)
+
+
 class MixtureOfHeadsAttention(Attention):
   shared_heads: int = 0
   active_heads: int = 1              # K routed heads per token
   gating: str = "code"               # "code" (default) | "paper" | "binary_ste"
   router: str = "learned"            # "learned" (W_r) | "query_norm" (parameter-free)
   balance_weight: float = 0.01
+  head_compute: str = "all"          # "all" (compute every head, mask) | "selected"
+  gmm_backend: str = "auto"          # grouped-matmul backend of head_compute="selected"
 
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
-    out, wo, queries = self.head_outputs(x, positions)                 # [B, L, H, dh]
+    queries, keys, values, wo = self.project(x, positions)             # q [B, L, H, dh]
     h, hs, d = self.num_heads, self.shared_heads, x.shape[-1]
     param = lambda name, n: self.param(
         name, nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)), (d, n),
@@ -108,7 +146,7 @@ class MixtureOfHeadsAttention(Attention):
                 else x.astype(jnp.float32) @ param("head_router", h - hs))
       gates, probs, mask = binary_gates(logits, self.active_heads, hs)
     else:
-      gates, probs, mask = head_gates(x, param("shared_router", hs),
+      gates, probs, mask = head_gates(x, param("shared_router", hs) if hs else None,
                                       param("head_router", h - hs), param("stage_router", 2),
                                       self.active_heads, self.gating)
     loss = head_balance_loss(probs, mask, self.active_heads)
@@ -117,5 +155,19 @@ class MixtureOfHeadsAttention(Attention):
     self.sow("intermediates", "head_balance", loss)
     self.sow("intermediates", "head_load", jnp.mean(mask.reshape(-1, h - hs), axis=0))
     self.sow("intermediates", "active_heads", jnp.asarray(hs + self.active_heads, jnp.float32))
-    gated = out * gates.astype(out.dtype)[..., None]
-    return jnp.einsum("blhk,hkd->bld", gated, wo)
+    if self.head_compute == "all":
+      out = self.attend(queries, keys, values, positions)
+      return jnp.einsum("blhk,hkd->bld", out * gates.astype(out.dtype)[..., None], wo)
+    if self.gating == "binary_ste":
+      raise ValueError("model.moh.head_compute='selected' needs gating 'code' or 'paper': "
+                       "binary_ste's straight-through gradient reads every head's output")
+    top = jax.lax.top_k(mask, self.active_heads)[1]                    # the K selected heads
+    y = selected_heads_output(queries, keys, values, wo, positions, top,
+                              jnp.take_along_axis(gates[..., hs:], top, axis=-1), hs,
+                              self.gmm_backend)
+    if hs:
+      groups = jnp.arange(hs) // (h // self.num_kv_heads)
+      out = self.attend(queries[:, :, :hs], keys[:, :, groups], values[:, :, groups], positions,
+                        constrain=False)
+      y = y + jnp.einsum("blhk,hkd->bld", out * gates[..., :hs, None].astype(out.dtype), wo[:hs])
+    return y.astype(self.dtype)

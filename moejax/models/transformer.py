@@ -67,7 +67,8 @@ class ModelConfig:
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
-      moh = (h.shared_heads, h.active_heads, h.gating, h.router, h.balance_weight)
+      moh = (h.shared_heads, h.active_heads, h.gating, h.router, h.balance_weight,
+             h.head_compute, moe_cfg.gmm_backend)
     mla = None
     if model.attention == "latent":
       a = model.mla
@@ -83,9 +84,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, *, deterministic: bool,
-               tokens: Array | None = None, router_state: tuple | None = None):
+               tokens: Array | None = None, router_state: tuple | None = None,
+               prompt_length: Array | None = None):
     """-> (x, router carry): the carry of a recurrent router (RMoE), passed through dense
-    layers unchanged (None for other routers)."""
+    layers unchanged (None for other routers). ``prompt_length``: set by the sampler, read by
+    the layers that treat the prompt differently at inference (Lory's merge)."""
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
     options = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
@@ -97,18 +100,20 @@ class DecoderLayer(nn.Module):
       attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, **options,
                        name="attn")
     else:
-      shared, active, gating, router, weight = c.moh
+      shared, active, gating, router, weight, compute, backend = c.moh
       attn = MixtureOfHeadsAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt,
                                      **options, shared_heads=shared, active_heads=active,
                                      gating=gating, router=router, balance_weight=weight,
-                                     name="attn")
+                                     head_compute=compute, gmm_backend=backend, name="attn")
     x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
-      block = MoEBlock if c.moe.merge == "none" else SoftMergeBlock
-      y = block(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
-                                       router_state=router_state)
+      if c.moe.merge == "none":
+        y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
+                                            router_state=router_state)
+      else:
+        y = SoftMergeBlock(c.moe, dt, name="moe")(h, prompt_length=prompt_length)
       if router_state is not None:
         y, carry = y
     else:
@@ -122,7 +127,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
+  def __call__(self, tokens: Array, *, deterministic: bool = True,
+               prompt_length: Array | None = None) -> Array:
     c = self.cfg
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
@@ -134,7 +140,7 @@ class Transformer(nn.Module):
       gru = GRU(c.moe.recurrent_router_dim or c.d_model, name="router_gru")   # shared by layers
     for i in range(c.num_layers):
       x, carry = DecoderLayer(c, i, name=f"layer_{i}")(
-          x, positions, deterministic=deterministic, tokens=tokens,
+          x, positions, deterministic=deterministic, tokens=tokens, prompt_length=prompt_length,
           router_state=(gru, carry) if gru is not None else None)
     x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     unembed = self.param("unembed", nn.with_logical_partitioning(

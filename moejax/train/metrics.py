@@ -29,7 +29,7 @@ def flatten_intermediates(tree) -> dict:
 def summarize_moe(flat: dict) -> dict:
   """Scalar summaries across MoE layers for the progress line."""
   out = {}
-  for name in ("drop_fraction", "router_entropy", "experts_per_token"):
+  for name in ("drop_fraction", "router_entropy", "experts_per_token", "active_heads"):
     values = [v for k, v in flat.items() if k.endswith(f"/{name}")]
     if values:
       out[name] = float(np.mean(values))

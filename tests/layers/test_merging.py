@@ -1,5 +1,7 @@
 """Soft merging of experts: SMEAR equals one FFN with explicitly averaged parameters, gradients
 reach every expert, and Lory's segment form is causal (tested by changing tokens)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,8 +113,65 @@ def test_model_with_lory_layers_is_causal():
   assert not np.allclose(a[0, 9:], b[0, 9:])
 
 
+def _lory_prompt_block():
+  spec = MoESpec(num_experts=4, top_k=1, expert_hidden=12, merge="causal_segments",
+                 merge_segment=4, merge_inference="prompt")
+  x = jax.random.normal(jax.random.key(0), (2, 12, D))
+  block = SoftMergeBlock(spec)
+  params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
+  params["router"]["kernel"] = params["router"]["kernel"] * 30
+  return block, params, x
+
+
+@pytest.mark.parametrize("n", [1, 5, 12])
+def test_lory_at_inference_routes_once_on_the_prompt(n):
+  """merge_inference='prompt' with prompt_length n: every position uses one expert merged with
+  softmax(W_r mean of the first n inputs); tokens after the prompt never change the merge."""
+  block, params, x = _lory_prompt_block()
+  y = np.asarray(block.apply({"params": params}, x, prompt_length=jnp.int32(n)))
+  p, u = _np_params(params), np.asarray(x, np.float64)
+  for b in range(2):
+    probs = np_softmax(u[b, :n].mean(0) @ p["router"]["kernel"])
+    wi = np.einsum("e,edch->dch", probs, p["experts"]["wi"])
+    wo = np.einsum("e,ehd->hd", probs, p["experts"]["wo"])
+    np.testing.assert_allclose(y[b], np_ffn(u[b], wi, wo), rtol=1e-5, atol=1e-6)
+  if n < 12:
+    y2 = np.asarray(block.apply({"params": params}, x.at[:, n:].set(-x[:, n:]),
+                                prompt_length=jnp.int32(n)))
+    np.testing.assert_array_equal(y2[:, :n], y[:, :n])
+  # without a prompt length (training, eval) it is the segment form
+  np.testing.assert_array_equal(
+      block.apply({"params": params}, x),
+      SoftMergeBlock(dataclasses.replace(block.spec, merge_inference="segments")).apply(
+          {"params": params}, x))
+
+
+def test_sampling_passes_the_prompt_length_to_lory():
+  from conftest import tiny_config
+  from moejax import api, config as config_lib
+  from moejax.train.sampling import sample
+  c = config_lib.apply_overrides(tiny_config("deepseekmoe"), {
+      "model.moe.merge": "causal_segments", "model.moe.merge_segment": 4,
+      "model.moe.merge_inference": "prompt"})
+  model = api.build_model(c)
+  params = api.init_params(model, c)
+  prompt = np.array([5, 17, 99], np.int32)
+  got = sample(model, params, prompt, 4, 16, 0.0, jax.random.key(0))
+  tokens = list(prompt)
+  for _ in range(4):                          # the reference loop: prompt length 3 throughout
+    window = np.zeros((1, 16), np.int32)
+    window[0, :len(tokens)] = tokens
+    logits = model.apply({"params": params}, window, prompt_length=3)
+    tokens.append(int(np.argmax(logits[0, len(tokens) - 1])))
+  np.testing.assert_array_equal(got, tokens)
+  longer = model.apply({"params": params}, window, prompt_length=6)     # the length matters
+  assert not np.allclose(longer[0, :6], logits[0, :6])
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(merge="soft"), "merge: got 'soft'"),
+    (dict(merge="sequence", merge_inference="prompt"), "merge_inference: ='prompt' is Lory"),
+    (dict(merge="causal_segments", merge_inference="once"), "merge_inference: got 'once'"),
     (dict(merge="sequence", router="sigmoid"), "merge: ='sequence' merges the experts"),
     (dict(merge="sequence", expert_bank="ternary_swiglu"), "expert_bank.*got 'ternary_swiglu'"),
 ])

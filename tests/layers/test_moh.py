@@ -106,3 +106,31 @@ def test_query_norm_router_and_binary_gates_match_numpy():
   np.testing.assert_allclose(gates, np.concatenate([np.ones((5, 1)), want], -1), atol=1e-6)
   g = jax.grad(lambda l: jnp.sum(binary_gates(l, 2, 1)[0] * jnp.arange(4.0)))(jnp.asarray(logits))
   assert float(jnp.abs(g).sum()) > 0                              # straight-through gradient
+
+
+@pytest.mark.parametrize("gating,shared,active,kv", [("code", 1, 2, 2), ("paper", 0, 2, 4),
+                                                     ("code", 2, 1, 1)])
+def test_selected_head_compute_equals_masked_all_heads_with_gradients(gating, shared, active, kv):
+  """head_compute='selected' (grouped matmuls over (token, head) pairs) against the masked
+  every-head form: same outputs and the same gradients for every parameter."""
+  x, pos = _x()
+  pos = pos.at[1].set(jnp.array([0, 1, 2, 3, 0, 1]))     # row 1: two packed documents
+  kw = dict(shared_heads=shared, active_heads=active, gating=gating)
+  dense = MixtureOfHeadsAttention(H, kv, DH, **kw)
+  sel = MixtureOfHeadsAttention(H, kv, DH, head_compute="selected", **kw)
+  params = nn.meta.unbox(dense.init(jax.random.key(4), x, pos)["params"])
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, pos)))
+  np.testing.assert_allclose(sel.apply({"params": params}, x, pos),
+                             dense.apply({"params": params}, x, pos), rtol=1e-5, atol=1e-5)
+  got, want = jax.grad(loss(sel))(params), jax.grad(loss(dense))(params)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  if active > 1:       # (K = 1: the code form's routed weight is 1, see above)
+    assert float(jnp.abs(got["head_router"]).sum()) > 0
+
+
+def test_selected_head_compute_refuses_binary_gates():
+  x, pos = _x()
+  m = _moh(shared_heads=1, active_heads=2, gating="binary_ste", head_compute="selected")
+  with pytest.raises(ValueError, match="head_compute='selected'.*binary_ste"):
+    m.init(jax.random.key(0), x, pos)

@@ -28,9 +28,15 @@ VARIANTS = {
     "lory": {"model.moe.merge": "causal_segments", "model.moe.merge_segment": 4},
     "mixture_of_heads": {"model.attention": "mixture_of_heads", "model.moh.shared_heads": 1,
                          "model.moh.active_heads": 2},
+    # only the selected heads computed (grouped matmuls over (token, head) pairs); its equality
+    # with every-head masking is tested in tests/layers/test_moh.py
+    "mixture_of_heads_selected": {"model.attention": "mixture_of_heads",
+                                  "model.moh.shared_heads": 1, "model.moh.active_heads": 2,
+                                  "model.moh.head_compute": "selected"},
 }
 # Mixture-of-heads shards its heads over 'tensor'; the others exchange experts over 'expert'.
-MESHES = {"mixture_of_heads": {"mesh.data": 4, "mesh.tensor": 2}}
+MESHES = {"mixture_of_heads": {"mesh.data": 4, "mesh.tensor": 2},
+          "mixture_of_heads_selected": {"mesh.data": 4, "mesh.tensor": 2}}
 
 
 def _config(overrides, **extra):
@@ -75,12 +81,12 @@ def test_resume_reproduces_the_bias_exactly(tmp_path):
     np.testing.assert_array_equal(_biases(resumed.params)[layer], b)
 
 
-# Expert Race, hash, recurrent, Lory and ternary experts take paths the cases below already cover (routing on the
+# Expert Race, hash, recurrent, Lory, ternary experts and every-head MoH take paths the cases below already cover (routing on the
 # global batch before the all-to-all, or no shard_map at all); they passed too and stay out of
 # the suite's time budget (add them here to re-check).
 # Latent attention under expert + tensor parallelism: tests/convert (a converted DeepSeek-V3).
 EP_CASES = ["sigmoid", "top_p", "expert_choice", "heterogeneous",
-            "mixture_of_heads"]
+            "mixture_of_heads_selected"]
 
 
 @pytest.mark.slow
