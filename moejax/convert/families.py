@@ -61,8 +61,11 @@ def _linear_from(a, e):
 
 
 def _gate_up_to(ts, shape, e):        # [.., D, 2, H] from (gate [H, D], up [H, D]) pairs
-  pairs = [np.stack([g.T, u.T], axis=1) for g, u in zip(ts[::2], ts[1::2])]
-  return (np.stack(pairs) if len(shape) == 4 else pairs[0]).reshape(shape)
+  # written into one preallocated array: the import's peak is the HF tensors plus the result
+  out = np.empty((len(ts) // 2,) + tuple(shape[-3:]), ts[0].dtype)
+  for i, (g, u) in enumerate(zip(ts[::2], ts[1::2])):
+    out[i, :, 0], out[i, :, 1] = g.T, u.T
+  return out.reshape(shape)
 
 
 def _gate_up_from(a, e):
@@ -71,7 +74,10 @@ def _gate_up_from(a, e):
 
 
 def _down_to(ts, shape, e):           # [E, H, D] from down_e [D, H]
-  return np.stack([t.T for t in ts]).reshape(shape)
+  out = np.empty((len(ts),) + tuple(shape[-2:]), ts[0].dtype)
+  for i, t in enumerate(ts):
+    out[i] = t.T
+  return out.reshape(shape)
 
 
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {

@@ -1,8 +1,10 @@
 """Streaming safetensors I/O: one tensor in memory at a time, single files or sharded checkpoints.
 
 Reading: ``TensorSource(directory)`` opens ``model.safetensors`` or the shards listed by
-``model.safetensors.index.json``; ``get(name)`` reads one tensor (memory-mapped by safetensors,
-copied into a NumPy array). Header problems (a truncated or corrupt file, an index naming a
+``model.safetensors.index.json``; ``get(name)`` reads one tensor's bytes straight into a new
+NumPy array (a plain read at the offset the header gives, not a memory map: every page of a
+mapped file that was touched counts in the process's RSS until it is unmapped, which made a
+409 MB import peak at the whole file). Header problems (a truncated or corrupt file, an index naming a
 missing shard or tensor) raise ``ConversionError`` naming the file, before any tensor is used.
 
 Writing: ``ShardedWriter(directory, plan, max_shard_bytes)`` is given every tensor's name, shape
@@ -19,7 +21,6 @@ import shutil
 import struct
 
 import numpy as np
-from safetensors import safe_open
 
 from moejax.errors import ConversionError
 
@@ -27,8 +28,9 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def _check_header(path: str) -> None:
-  """Validates the safetensors header and that the file holds every byte it declares."""
+def _check_header(path: str) -> tuple[dict, int]:
+  """Validates the safetensors header and that the file holds every byte it declares;
+  -> (header, offset of the data)."""
   size = os.path.getsize(path)
   with open(path, "rb") as fh:
     raw = fh.read(8)
@@ -46,6 +48,16 @@ def _check_header(path: str) -> None:
   if 8 + n + end > size:
     raise ConversionError(f"{path}: truncated safetensors file: its tensors need {8 + n + end} "
                           f"bytes, the file has {size}")
+  return header, 8 + n
+
+
+def _np_dtype(code: str, path: str, name: str) -> np.dtype:
+  if code == "BF16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  if code not in _CODES:
+    raise ConversionError(f"{path}: tensor {name} has dtype {code}, not one of {sorted(_CODES)}")
+  return np.dtype(_CODES[code])
 
 
 class TensorSource:
@@ -64,17 +76,16 @@ class TensorSource:
       files, weight_map = [SINGLE], None
     else:
       raise ConversionError(f"{directory}: no {SINGLE} or {INDEX}")
-    self._handles = {}
+    self._entries = {}                 # file -> (header, data offset)
     for f in files:
       path = os.path.join(directory, f)
       if not os.path.isfile(path):
         raise ConversionError(f"{index}: lists shard {f}, which is missing")
-      _check_header(path)
-      self._handles[f] = safe_open(path, framework="numpy")
+      self._entries[f] = _check_header(path)
     if weight_map is None:
-      weight_map = {k: SINGLE for k in self._handles[SINGLE].keys()}
+      weight_map = {k: SINGLE for k in self._entries[SINGLE][0] if k != "__metadata__"}
     for name, f in weight_map.items():
-      if name not in self._handles[f].keys():
+      if name not in self._entries[f][0] or name == "__metadata__":
         raise ConversionError(f"{index}: maps {name} to {f}, which does not hold it")
     self.weight_map = weight_map
 
@@ -82,17 +93,30 @@ class TensorSource:
     return sorted(self.weight_map)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+    return tuple(self._entries[self.weight_map[name]][0][name]["shape"])
 
   def get(self, name: str) -> np.ndarray:
     if name not in self.weight_map:
       raise ConversionError(f"{self.directory}: no tensor {name}")
-    return self._handles[self.weight_map[name]].get_tensor(name)
+    f = self.weight_map[name]
+    header, data = self._entries[f]
+    info, path = header[name], os.path.join(self.directory, f)
+    start, end = info["data_offsets"]
+    out = np.empty(info["shape"], _np_dtype(info["dtype"], path, name))
+    if out.nbytes != end - start:
+      raise ConversionError(f"{path}: tensor {name} declares shape {info['shape']} "
+                            f"({info['dtype']}, {out.nbytes} bytes) but {end - start} bytes")
+    with open(path, "rb") as fh:
+      fh.seek(data + start)
+      if fh.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+        raise ConversionError(f"{path}: truncated while reading {name}")
+    return out
 
 
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
            "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
            "bool": "BOOL"}
+_CODES = {v: k for k, v in _DTYPES.items() if k != "bfloat16"}
 
 
 class ShardedWriter:

@@ -5,11 +5,15 @@ disk, so an interrupted save never leaves a checkpoint that ``latest_step`` woul
 
 A checkpoint may hold only {step, params} (an imported model: ``moejax.convert``); restoring it
 returns ``opt_state=None`` and the Trainer starts a fresh optimizer state. ``read_leaf`` reads
-one parameter without the rest (the streaming export).
+one parameter without the rest (the streaming export); ``write_params_streaming`` writes such a
+checkpoint from parameters produced one at a time (the streaming import).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -89,3 +93,64 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _nest(path: tuple[str, ...], value) -> dict:
+  for k in reversed(path):
+    value = {k: value}
+  return value
+
+
+def _merge(tree: dict, other: dict) -> None:
+  for k, v in other.items():
+    if isinstance(v, dict):
+      _merge(tree.setdefault(k, {}), v)
+    else:
+      tree[k] = v
+
+
+def write_params_streaming(workdir: str, step: int, leaves: Iterable[tuple[tuple, np.ndarray]],
+                           batch_bytes: int = 1) -> str:
+  """Checkpoint ``step`` of ``workdir`` holding {step, params} from ``(path, array)`` pairs
+  produced one at a time, so that one batch of arrays is in memory, not the model: a batch is
+  saved as soon as it holds ``batch_bytes`` (the default saves each array alone; small arrays
+  batched save orbax's per-save cost), before the next array is produced.
+
+  Orbax saves a whole tree per call; its partial save (``experimental.v1.partial``) adds
+  disjoint subtrees to one checkpoint and commits them together. The committed item is then
+  given a CheckpointManager step's layout (item ``default``), which ``Checkpointer`` restores
+  like any other (tested: evaluation, sampling and training of imported models). Nothing
+  appears under ``checkpoints/<step>`` until every array is on disk.
+  """
+  from orbax.checkpoint.experimental.v1 import partial
+  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  final = os.path.join(root, str(step))
+  if os.path.exists(final):
+    raise FileExistsError(f"{final} exists: write into a new workdir")
+  os.makedirs(root, exist_ok=True)
+  session = os.path.join(root, f"{step}.streaming")
+  for stale in os.listdir(root):               # an interrupted session's leftovers
+    if stale.startswith(f"{step}.streaming"):
+      shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+  partial.save(session, {"step": np.asarray(step, np.int32)})
+  batch, size = {}, 0
+  for path, value in leaves:
+    value = value if isinstance(value, jax.Array) else np.asarray(value)
+    _merge(batch, _nest(("params",) + tuple(path), value))
+    size += value.nbytes
+    del value
+    if size >= batch_bytes:           # saved before the next array is produced
+      partial.save(session, batch)
+      batch, size = {}, 0
+  if batch:
+    partial.save(session, batch)
+  partial.finalize(session)
+  os.replace(os.path.join(session, "state"), os.path.join(session, "default"))
+  meta_path = os.path.join(session, "_CHECKPOINT_METADATA")
+  meta = json.load(open(meta_path))
+  meta["item_handlers"] = {"default": "orbax.checkpoint._src.handlers.standard_checkpoint_handler."
+                                      "StandardCheckpointHandler"}
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  os.replace(session, final)
+  return final
