@@ -19,7 +19,6 @@ in every case, as XLA's dense attention does.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from moejax import logs  # noqa: E402
+from moejax.experiment import report  # noqa: E402
 from moejax.experiment.timing import compiled_memory, interleaved_medians  # noqa: E402
 from moejax.layers.attention import Attention  # noqa: E402
 from moejax.layers.moh import MixtureOfHeadsAttention  # noqa: E402
@@ -124,7 +124,6 @@ def plot(rows, path):
 
 
 def write(rows, out_dir):
-  os.makedirs(out_dir, exist_ok=True)
   lines = [f"Device: {jax.devices()[0].device_kind}, JAX {jax.__version__}, {_DTYPE.value}; "
            "time ratios against plain attention measured in the same run (median of "
            f"{_REPEATS.value if not _QUICK.value else 2} interleaved rounds).", "",
@@ -136,12 +135,8 @@ def write(rows, out_dir):
                  f"| {r['flop_ratio']:.2f} | {r['fwd_ratio']:.2f} | {r['train_ratio']:.2f} | "
                  f"{r['train_s'] * 1e3:.1f} | "
                  f"{(r['peak_bytes'] or 0) / 2**20:.0f} |")
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  report.write_results(out_dir, "\n".join(lines), rows)
   plot(rows, os.path.join(out_dir, "moh_time.png"))
-  print("\n".join(lines))
 
 
 def main(argv):

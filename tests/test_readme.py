@@ -284,6 +284,43 @@ def test_compare_mote_command(tmp_path):
   assert os.path.isfile(tmp_path / "out" / "memory.png")
 
 
+MOH_CMD = "python experiments/compare_moh.py --data_path=../shared/data/tinyshakespeare.txt"
+MERGING_CMD = ("python experiments/compare_merging.py "
+               "--data_path=../shared/data/tinyshakespeare.txt")
+
+
+@pytest.mark.slow
+@runs(MOH_CMD, MERGING_CMD)
+def test_compare_moh_and_merging_commands(tmp_path):
+  # MoH trains with only the selected heads computed here (the README's runs mask every head)
+  out, text = _run_experiment(MOH_CMD, "--quick --steps=3 --seeds=0 --noestimate "
+                              "--configs=attention,moh_50 --head_compute=selected",
+                              tmp_path / "moh")
+  assert "moh_50 vs attention" in text and "attention_flops" in text, out
+  out, text = _run_experiment(MERGING_CMD, "--quick --steps=3 --seeds=0 --noestimate "
+                              "--configs=top1,lory", tmp_path / "merging")
+  assert "lory vs top1" in text and "Lory segment 8 of 32" in text, out
+
+
+BENCH_MOH = "python experiments/bench_moh.py"
+BENCH_MERGE = "python experiments/bench_merge.py"
+
+
+@pytest.mark.slow
+@runs(BENCH_MOH, BENCH_MERGE)
+def test_moh_and_merge_benchmark_commands(tmp_path):
+  _run(f"{BENCH_MOH} --quick --out_dir={tmp_path / 'moh'}", ROOT)
+  rows = json.load(open(tmp_path / "moh" / "results.json"))
+  assert {r["case"] for r in rows} >= {"attention", "masked 2/4", "selected 2/4", "selected 3/4"}
+  assert all(r["train_s"] > 0 for r in rows)
+  assert [r["flop_ratio"] for r in rows if r["case"] == "selected 2/4"][0] < 1
+  assert os.path.isfile(tmp_path / "moh" / "moh_time.png")
+  _run(f"{BENCH_MERGE} --quick --out_dir={tmp_path / 'merge'}", ROOT)
+  rows = json.load(open(tmp_path / "merge" / "results.json"))
+  assert [r["merge"] for r in rows] == ["sequence", "causal_segments"]
+  assert all(0 < r["merge_share"] for r in rows)
+
+
 @pytest.mark.slow
 def test_bench_smoke(tmp_path):
   out = _run([sys.executable, "experiments/bench_moe.py", "--quick", "--notorch", "--nosweep",
