@@ -22,23 +22,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app  # noqa: E402
 
 from moejax import logs  # noqa: E402
-from moejax.experiment import Study, report, setups  # noqa: E402
+from moejax.experiment import Study, cli, report, setups  # noqa: E402
 from moejax.train import metrics as metrics_lib  # noqa: E402
 
-_DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
-                            "Text corpus ('' = the embedded generated corpus).")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps per run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: init, router noise, data order.")
-_SIZE = flags.DEFINE_string("size", "tiny", "Model size (moejax/experiment/setups.py).")
-_OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_hmoe", "Output directory.")
-_WORK = flags.DEFINE_string("work_root", "workdir/compare_hmoe", "Run directories (resumable).")
-_ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
-_CONFIGS = flags.DEFINE_list("configs", None, "Subset of CONFIGS (default: all; the first is "
-                             "the baseline of the comparisons).")
+FLAGS = cli.study_flags("compare_hmoe", step_times=False)
 
 P = "model.moe."
 HOMOGENEOUS = {P + "expert_size_ladder": "none", P + "parameter_penalty_weight": 0.0,
@@ -107,16 +97,13 @@ def plot_sizes(result, path: str) -> None:
 def main(argv):
   del argv
   logs.setup_console_logging()
-  names = _CONFIGS.value or list(CONFIGS)
-  unknown = [n for n in names if n not in CONFIGS]
-  if unknown or "hmoe_topk" not in names and "hmoe_topp" not in names:
-    raise app.UsageError(f"--configs: unknown {unknown} or no HMoE config; allowed: "
-                         f"{', '.join(CONFIGS)}")
-  configs = {n: setups.experiment_config(
-      "hmoe", size=_SIZE.value, steps=_STEPS.value, data_path=_DATA.value, quick=_QUICK.value,
-      overrides=CONFIGS[n]) for n in names}
-  study = Study(configs, [int(s) for s in _SEEDS.value], _WORK.value, collect=routed_usage)
-  result = study.run(estimate=_ESTIMATE.value)
+  names = cli.chosen_configs(FLAGS, CONFIGS)
+  if "hmoe_topk" not in names and "hmoe_topp" not in names:
+    raise app.UsageError(f"--configs: no HMoE config in {names}")
+  configs = {n: setups.experiment_config("hmoe", **cli.setup_args(FLAGS), overrides=CONFIGS[n])
+             for n in names}
+  study = Study(configs, cli.seeds(FLAGS), FLAGS.work.value, collect=routed_usage)
+  result = study.run(estimate=FLAGS.estimate.value)
   pairs = [(n, names[0]) for n in names[1:]]
   if {"hmoe_topp", "moe_topp"} <= set(names[1:]):
     pairs.append(("hmoe_topp", "moe_topp"))
@@ -124,14 +111,14 @@ def main(argv):
   from moejax.layers.moe import MoESpec
   ladder = MoESpec.from_config(sizes).routed_sizes
   text = "\n".join([
-      f"configs/hmoe.py, size {_SIZE.value}, {_STEPS.value} steps, seeds {result.seeds}; HMoE "
+      f"configs/hmoe.py, size {FLAGS.size.value}, {FLAGS.steps.value} steps, seeds {result.seeds}; HMoE "
       f"sizes {list(ladder)}, homogeneous 8 x {sum(ladder) // 8}", "",
       result.table(METRICS), "", "Paired differences (routed_params: last quarter of training; "
       "experts_per_token: mean over training):", "",
       result.comparison_table("val_loss", pairs), "",
       result.comparison_table("routed_params", pairs)])
-  report.write_study(result, _OUT.value, text, title="HMoE vs MoE: mean ± 1 std over seeds")
-  plot_sizes(result, os.path.join(_OUT.value, "sizes.png"))
+  report.write_study(result, FLAGS.out.value, text, title="HMoE vs MoE: mean ± 1 std over seeds")
+  plot_sizes(result, os.path.join(FLAGS.out.value, "sizes.png"))
 
 
 if __name__ == "__main__":

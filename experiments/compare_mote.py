@@ -27,25 +27,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app  # noqa: E402
 
 from moejax import logs  # noqa: E402
 from moejax.analysis.params import memory_by_component  # noqa: E402
-from moejax.experiment import Study, report, setups  # noqa: E402
+from moejax.experiment import Study, cli, report, setups  # noqa: E402
 from moejax.experiment.runner import StudyResult  # noqa: E402
 from moejax.layers.ternary import pack_bank  # noqa: E402
 
-_DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
-                            "Text corpus ('' = the embedded generated corpus).")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of the dense run and of each "
-                              "up-cycled run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: init, router noise, data order.")
-_SIZE = flags.DEFINE_string("size", "tiny", "Model size (moejax/experiment/setups.py).")
-_OUT = flags.DEFINE_string("out_dir", "experiments/results/compare_mote", "Output directory.")
-_WORK = flags.DEFINE_string("work_root", "workdir/compare_mote", "Run directories (resumable).")
-_ESTIMATE = flags.DEFINE_bool("estimate", True, "Time a short probe of every config first.")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
-_CONFIGS = flags.DEFINE_list("configs", None, "Subset of the up-cycled configs (default: all).")
+FLAGS = cli.study_flags("compare_mote", steps_help="Training steps of the dense run and of "
+                        "each up-cycled run.", configs_help="Subset of the up-cycled configs "
+                        "(default: all).", step_times=False)
 
 P = "model.moe."
 UPCYCLED = {
@@ -69,8 +61,7 @@ def memory(trainer) -> dict:
 
 
 def _config(name: str, overrides: dict):
-  return setups.experiment_config(name, size=_SIZE.value, steps=_STEPS.value,
-                                  data_path=_DATA.value, quick=_QUICK.value, overrides=overrides)
+  return setups.experiment_config(name, **cli.setup_args(FLAGS), overrides=overrides)
 
 
 def plot_memory(result, path: str) -> None:
@@ -100,27 +91,27 @@ def plot_memory(result, path: str) -> None:
 def main(argv):
   del argv
   logs.setup_console_logging()
-  seeds = [int(s) for s in _SEEDS.value]
-  names = _CONFIGS.value or list(UPCYCLED)
-  if [n for n in names if n not in UPCYCLED] or "mote" not in names:
-    raise app.UsageError(f"--configs: choose from {', '.join(UPCYCLED)}, including 'mote'")
-  dense = Study({"dense": _config("dense", {})}, seeds, _WORK.value)
-  runs = dense.run(estimate=_ESTIMATE.value).runs
+  seeds = cli.seeds(FLAGS)
+  names = cli.chosen_configs(FLAGS, UPCYCLED)
+  if "mote" not in names:
+    raise app.UsageError(f"--configs: include 'mote' (got {names})")
+  dense = Study({"dense": _config("dense", {})}, seeds, FLAGS.work.value)
+  runs = dense.run(estimate=FLAGS.estimate.value).runs
   for seed in seeds:
     source = dense.workdir("dense", seed)
     configs = {n: _config("mote", {**o, "upcycle.source": source, "upcycle.method": "copy"})
                for n, o in UPCYCLED.items() if n in names}
-    study = Study(configs, [seed], _WORK.value, collect=memory)
-    runs += study.run(estimate=_ESTIMATE.value and seed == seeds[0]).runs
+    study = Study(configs, [seed], FLAGS.work.value, collect=memory)
+    runs += study.run(estimate=FLAGS.estimate.value and seed == seeds[0]).runs
   result = StudyResult(["dense"] + names, seeds, runs)
   text = "\n".join([
-      f"configs/mote.py up-cycled from configs/dense.py, size {_SIZE.value}, {_STEPS.value} "
-      f"dense + {_STEPS.value} up-cycled steps, seeds {seeds} (dense: the starting point)", "",
+      f"configs/mote.py up-cycled from configs/dense.py, size {FLAGS.size.value}, {FLAGS.steps.value} "
+      f"dense + {FLAGS.steps.value} up-cycled steps, seeds {seeds} (dense: the starting point)", "",
       result.table(METRICS), "", "Paired differences of val_loss:", "",
       result.comparison_table("val_loss", [("mote", n) for n in names if n != "mote"])])
-  report.write_study(result, _OUT.value, text, title="MoTE vs full precision: mean ± 1 std",
+  report.write_study(result, FLAGS.out.value, text, title="MoTE vs full precision: mean ± 1 std",
                      curves=("val_loss",))
-  plot_memory(result, os.path.join(_OUT.value, "memory.png"))
+  plot_memory(result, os.path.join(FLAGS.out.value, "memory.png"))
 
 
 if __name__ == "__main__":

@@ -297,8 +297,9 @@ def test_compare_moh_and_merging_commands(tmp_path):
                               "--configs=attention,moh_50 --head_compute=selected",
                               tmp_path / "moh")
   assert "moh_50 vs attention" in text and "attention_flops" in text, out
+  assert "| moh_50 |" in text.split("ms / step")[1], out           # the interleaved step time
   out, text = _run_experiment(MERGING_CMD, "--quick --steps=3 --seeds=0 --noestimate "
-                              "--configs=top1,lory", tmp_path / "merging")
+                              "--configs=top1,lory --step_time_steps=0", tmp_path / "merging")
   assert "lory vs top1" in text and "Lory segment 8 of 32" in text, out
 
 

@@ -19,6 +19,14 @@ def write_results(out_dir: str, text: str, data) -> None:
   print(text)
 
 
+def step_time_table(times: dict, baseline: str) -> str:
+  """Markdown table of seconds per step (``Study.step_times``) and the ratio to ``baseline``."""
+  lines = [f"| config | ms / step | vs {baseline} |", "|---|---|---|"]
+  for name, sec in times.items():
+    lines.append(f"| {name} | {sec * 1e3:.1f} | {sec / times[baseline]:.2f}x |")
+  return "\n".join(lines)
+
+
 def write_study(result, out_dir: str, text: str, *, title: str,
                 curves=("val_loss", "load_max_over_mean")) -> None:
   """One study: results.md/json and curves.png (mean ± 1 std over seeds). For scripts: selects

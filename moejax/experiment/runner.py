@@ -200,6 +200,30 @@ class Study:
       details[name] = (t1 - t0 + t3 - t2 - eval_s, step_s, eval_s)
     return Estimate(per_run, pending, details)
 
+  def step_times(self, steps: int = 10, rounds: int = 3) -> dict[str, float]:
+    """Seconds per training step of each config (seed 0, in memory), from ``rounds`` rounds
+    that run ``steps`` steps of every config in turn (median): a paired timing in one
+    process, robust to load that the runs' own tokens/s (measured hours apart) are not."""
+    from moejax.experiment.timing import interleaved_medians
+    total = (rounds + 1) * steps                          # + the warm-up (compiling) round
+
+    def config(name):
+      c = self.config_for(name, self.seeds[0])
+      return config_lib.apply_overrides(c, {
+          "train.steps": total, "train.eval_every": total + 1,
+          "train.warmup_steps": min(c.train.warmup_steps, total)})
+    trainers = {name: Trainer(config(name)) for name in self.configs}
+
+    def run(trainer):
+      def go():
+        trainer.train(steps=steps, progress=None)
+        jax.block_until_ready(trainer.state)
+      return go
+    times = interleaved_medians({n: run(t) for n, t in trainers.items()}, rounds)
+    for t in trainers.values():
+      t.close()
+    return {n: v / steps for n, v in times.items()}
+
   def run(self, *, estimate: bool = True, probe_steps: int = 3) -> "StudyResult":
     """Runs what is not finished yet, prints progress, returns every finished run."""
     runs, todo = self.runs(), self.pending()
@@ -380,7 +404,8 @@ class StudyResult:
 
 
 def _fmt_value(metric: str):
-  if metric in ("tokens_per_sec", "total_params", "active_params", "tokens", "routed_params"):
+  if metric in ("tokens_per_sec", "total_params", "active_params", "tokens", "routed_params",
+                "attention_flops"):
     return lambda v: f"{v:,.0f}"
   if metric in ("drop_fraction",):
     return lambda v: f"{v:.2%}"
