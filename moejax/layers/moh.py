@@ -110,7 +110,7 @@ def selected_heads_output(q: Array, k: Array, v: Array, wo: Array, positions: Ar
   gid = (top * b + jnp.arange(b)[:, None, None]).reshape(-1)   # group (head, batch) of each row
   order = jnp.argsort(gid, stable=True)
   sizes = jnp.bincount(gid, length=e * b).astype(jnp.int32)
-  token = (jnp.arange(b * l)[:, None] * jnp.ones((1, kk), jnp.int32)).reshape(-1)[order]
+  token = jnp.repeat(jnp.arange(b * l), kk)[order]              # flat token index of each row
   rows = jnp.take_along_axis(q[:, :, shared:], top[..., None], axis=2).reshape(-1, dh)[order]
   per_group = lambda t: jnp.transpose(t[:, :, kv_of], (2, 0, 1, 3)).reshape(e * b, l, dh)
   scores = gmm(rows, per_group(k), sizes, backend=backend, transpose_rhs=True,
@@ -136,6 +136,9 @@ class MixtureOfHeadsAttention(Attention):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array) -> Array:
+    if self.head_compute == "selected" and self.gating == "binary_ste":
+      raise ValueError("model.moh.head_compute='selected' needs gating 'code' or 'paper': "
+                       "binary_ste's straight-through gradient reads every head's output")
     queries, keys, values, wo = self.project(x, positions)             # q [B, L, H, dh]
     h, hs, d = self.num_heads, self.shared_heads, x.shape[-1]
     param = lambda name, n: self.param(
@@ -158,9 +161,6 @@ class MixtureOfHeadsAttention(Attention):
     if self.head_compute == "all":
       out = self.attend(queries, keys, values, positions)
       return jnp.einsum("blhk,hkd->bld", out * gates.astype(out.dtype)[..., None], wo)
-    if self.gating == "binary_ste":
-      raise ValueError("model.moh.head_compute='selected' needs gating 'code' or 'paper': "
-                       "binary_ste's straight-through gradient reads every head's output")
     top = jax.lax.top_k(mask, self.active_heads)[1]                    # the K selected heads
     y = selected_heads_output(queries, keys, values, wo, positions, top,
                               jnp.take_along_axis(gates[..., hs:], top, axis=-1), hs,
