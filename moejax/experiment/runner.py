@@ -211,7 +211,7 @@ class Study:
       c = self.config_for(name, self.seeds[0])
       return config_lib.apply_overrides(c, {
           "train.steps": total, "train.eval_every": total + 1,
-          "train.warmup_steps": min(c.train.warmup_steps, total)})
+          "train.warmup_steps": min(c.train.warmup_steps, total - 1)})
     trainers = {name: Trainer(config(name)) for name in self.configs}
 
     def run(trainer):
