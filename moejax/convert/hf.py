@@ -10,11 +10,12 @@ transformed and written to its shard straight away (shard headers are planned fr
 front). Import: HF tensors are read one at a time (plain reads, no memory map), each parameter
 is assembled as soon as its tensors are read and saved into the checkpoint before the next is
 produced (orbax's partial save, ``train.checkpoint.write_params_streaming``). The peak is a
-small multiple of the largest tensor, not the model (measured: export 2.4x, import 3.6-4.6x;
+small multiple of the largest tensor, not the model (measured: export 2.4x, import 3.3-4.1x;
 orbax's reader keeps a second copy of the array it restores, its writer two). The import keeps
 the source dtype (``dtype="keep"``) unless told otherwise and writes no optimizer state (the
-Trainer starts a fresh one). Every tensor name and shape is checked against the table before use: a mismatch names the tensor, both shapes and the table entry. Outputs
-appear only complete (temporary directory + rename).
+Trainer starts a fresh one). Every tensor name and shape is checked against the table before
+use: a mismatch names the tensor, both shapes and the table entry. Outputs appear only complete
+(temporary directory + rename).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from moejax.convert import families
 from moejax.convert.safetensors_io import ShardedWriter, TensorSource
+from moejax.train.checkpoint import tree_set
 from moejax.errors import ConversionError
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
@@ -51,12 +53,6 @@ def _progress(items, desc, enabled):
     return items
   from tqdm import tqdm
   return tqdm(items, desc=desc, unit="tensor")
-
-
-def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def _tree_get(tree, path):
@@ -87,8 +83,8 @@ def hf_config_to_moejax(hf: dict, base=None):
 def iter_hf_params(src: str, config, fam, progress: bool = False,
                    rope_interleave: bool = False, dtype: str = "keep"):
   """Yields (path, array) for every moejax parameter of ``src`` (a jax.Array in the
-  checkpoint's dtype or ``dtype``), each assembled as soon as its HF tensors are read; a tensor the table
-  has no place for raises at the end."""
+  checkpoint's dtype or ``dtype``), each assembled as soon as its HF tensors are read; a tensor
+  the table has no place for raises at the end."""
   model, shapes = _abstract_params(config)
   source = TensorSource(src)
   entries = families.table(fam, model.cfg, rope_interleave=bool(rope_interleave))
@@ -115,19 +111,15 @@ def iter_hf_params(src: str, config, fam, progress: bool = False,
       used.add(name)
     value = families.TRANSFORMS[entry.kind][0](tensors, shape, entry)
     del tensors
-    yield entry.path, _device_array(value, dtype)
+    # a jax.Array: orbax saves one with one write buffer, a NumPy array with a device copy
+    # and a buffer (measured +1x against +2x); rebinding drops the NumPy copy before the yield
+    value = jnp.asarray(value, value.dtype if dtype == "keep" else jnp.dtype(dtype))
+    yield entry.path, value
+    del value                         # not held while the next parameter's tensors are read
   unused = sorted(set(source.weight_map) - used)
   if unused:
     raise ConversionError(f"{src}: {len(unused)} tensors have no place in the {fam.name} table "
                           f"(an option moejax does not model?): {unused[:5]}")
-
-
-def _device_array(value: np.ndarray, dtype: str) -> jax.Array:
-  """A jax.Array of ``value`` (the NumPy copy is dropped here): orbax saves a jax.Array with one
-  write buffer, a NumPy array with a device copy and a buffer (measured: +1x against +2x)."""
-  out = jnp.asarray(value, value.dtype if dtype == "keep" else jnp.dtype(dtype))
-  del value
-  return out
 
 
 def load_hf_params(src: str, config, fam, progress: bool = False,
@@ -135,16 +127,14 @@ def load_hf_params(src: str, config, fam, progress: bool = False,
   """The moejax parameter tree (NumPy, in the checkpoint's dtype or ``dtype``) of ``src``."""
   params = {}
   for path, value in iter_hf_params(src, config, fam, progress, rope_interleave, dtype):
-    _tree_set(params, path, np.asarray(value))
+    tree_set(params, path, np.asarray(value))
   return params
 
 
-def _leaves(tree: dict, prefix: tuple = ()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
+def _path_leaves(tree) -> list[tuple[tuple[str, ...], object]]:
+  """(path, leaf) of every leaf of a nested dict, in tree order."""
+  return [(tuple(str(getattr(k, "key", k)) for k in p), v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _write_workdir(workdir: str, config, params) -> str:
@@ -164,7 +154,7 @@ def _write_workdir(workdir: str, config, params) -> str:
     # bytes per number), so no save holds more than half the largest, or one large array
     _, shapes = _abstract_params(config)
     largest = max(int(np.prod(s.shape)) * 4 for s in jax.tree.leaves(shapes))
-    write_params_streaming(tmp, 0, _leaves(params) if isinstance(params, dict) else params,
+    write_params_streaming(tmp, 0, _path_leaves(params) if isinstance(params, dict) else params,
                            batch_bytes=largest // 4)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -214,8 +204,7 @@ class SavedModel:
 
   def paths(self) -> list[tuple[str, ...]]:
     """Every parameter's path, in tree order."""
-    return [tuple(str(getattr(k, "key", k)) for k in p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(self.shapes)[0]]
+    return [p for p, _ in _path_leaves(self.shapes)]
 
   def shape(self, path) -> tuple[int, ...]:
     return tuple(_tree_get(self.shapes, path).shape)

@@ -4,8 +4,9 @@ Reading: ``TensorSource(directory)`` opens ``model.safetensors`` or the shards l
 ``model.safetensors.index.json``; ``get(name)`` reads one tensor's bytes straight into a new
 NumPy array (a plain read at the offset the header gives, not a memory map: every page of a
 mapped file that was touched counts in the process's RSS until it is unmapped, which made a
-409 MB import peak at the whole file). Header problems (a truncated or corrupt file, an index naming a
-missing shard or tensor) raise ``ConversionError`` naming the file, before any tensor is used.
+409 MB import peak at the whole file). Header problems (a truncated or corrupt file, an index
+naming a missing shard or tensor) raise ``ConversionError`` naming the file, before any tensor
+is used.
 
 Writing: ``ShardedWriter(directory, plan, max_shard_bytes)`` is given every tensor's name, shape
 and dtype up front, so each shard's header can be written before its data; tensors are then

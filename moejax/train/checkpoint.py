@@ -80,9 +80,7 @@ class Checkpointer:
   def read_leaf(self, step: int, path: tuple[str, ...], like) -> np.ndarray:
     """One array of the saved state (``path`` into it; ``like``: its shape/dtype), as NumPy,
     reading nothing else."""
-    item = like
-    for k in reversed(path):
-      item = {k: item}
+    item = tree_set({}, tuple(path), like)
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = _handler().restore(epath.Path(self.item_dir(step)), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=True))
@@ -95,18 +93,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def _nest(path: tuple[str, ...], value) -> dict:
-  for k in reversed(path):
-    value = {k: value}
-  return value
-
-
-def _merge(tree: dict, other: dict) -> None:
-  for k, v in other.items():
-    if isinstance(v, dict):
-      _merge(tree.setdefault(k, {}), v)
-    else:
-      tree[k] = v
+def tree_set(tree: dict, path: tuple[str, ...], value) -> dict:
+  """Puts ``value`` at ``path`` in a nested dict (creating the levels); returns ``tree``."""
+  node = tree
+  for k in path[:-1]:
+    node = node.setdefault(k, {})
+  node[path[-1]] = value
+  return tree
 
 
 def write_params_streaming(workdir: str, step: int, leaves: Iterable[tuple[tuple, np.ndarray]],
@@ -136,7 +129,7 @@ def write_params_streaming(workdir: str, step: int, leaves: Iterable[tuple[tuple
   batch, size = {}, 0
   for path, value in leaves:
     value = value if isinstance(value, jax.Array) else np.asarray(value)
-    _merge(batch, _nest(("params",) + tuple(path), value))
+    tree_set(batch, ("params",) + tuple(path), value)
     size += value.nbytes
     del value
     if size >= batch_bytes:           # saved before the next array is produced
