@@ -5,7 +5,7 @@
 
 with W_g the {-1, 0, 1} codes in ``pallas_kernels.ternary``'s K-planar layout (``pack_planes``).
 Backends: "reference" unpacks every weight and runs the per-group reference; "xla" (the CPU
-path) decodes each (row tile, group) pair's weight inside the tile loop from the packed bytes
+path) decodes each tile's weight inside the tile loop from the packed bytes
 (the dense weights never exist in memory); "pallas" runs the kernels that decode tile by tile
 in VMEM/shared memory. Differentiable in lhs (d_lhs = (dout * scale) @ W^T); codes and scales
 are inference weights with no gradient.

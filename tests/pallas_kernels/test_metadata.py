@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels.metadata import make_group_metadata, num_pairs_bound
+from pallas_kernels.metadata import make_group_metadata, make_group_tiles, num_pairs_bound
 
 
 def brute_force_pairs(sizes, tm, offset, num_local):
@@ -43,3 +43,28 @@ def test_schedule_matches_brute_force(sizes, spare_rows, tm, data):
   assert int(s.num_valid) == len(want) <= s.num_pairs
   ends = np.cumsum(sizes)
   np.testing.assert_array_equal(s.ends, ends[offset:offset + num_local])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=7), st.integers(0, 9),
+       st.sampled_from([1, 4, 8, 16]), st.data())
+def test_group_anchored_tiles_cover_each_local_row_once(sizes, spare_rows, tm, data):
+  """Each local group's rows are cut into tiles from its own first row: its n // tm full tiles
+  (all groups', in order), then the partial tiles; together they own every local row once."""
+  sizes = np.array(sizes, np.int32)
+  m = int(sizes.sum()) + spare_rows
+  offset = data.draw(st.integers(0, len(sizes) - 1))
+  num_local = data.draw(st.integers(1, len(sizes) - offset))
+  s = make_group_tiles(jnp.asarray(sizes), max(m, 1), tm, group_offset=offset,
+                       num_local=num_local)
+  ends = np.cumsum(sizes)
+  starts = ends - sizes
+  local_groups = range(offset, offset + num_local)
+  full = [(g - offset, r) for g in local_groups for r in range(starts[g], ends[g] - tm + 1, tm)]
+  partial = [(g - offset, ends[g] - sizes[g] % tm) for g in local_groups if sizes[g] % tm]
+  want = full + partial
+  assert int(s.num_full) == len(full)
+  got = [(int(g), int(r)) for g, r in zip(s.group[:int(s.num_valid)], s.row[:int(s.num_valid)])]
+  assert got == want and len(s.row) >= len(want)
+  owned = sorted(r for g, r0 in got for r in range(r0, min(r0 + tm, int(s.ends[g]))))
+  assert owned == [r for g in local_groups for r in range(starts[g], ends[g])]
