@@ -8,7 +8,10 @@ projection is timed: lhs [M = T*k, D] x rhs [E, D, 2F], rows grouped as the rout
   d_lhs    dy @ rhs[g]^T  (transpose_rhs)   same             dense: [M, 2F] @ [2F, D]
   tgmm     lhs^T dy per group               same             dense: [D, M] @ [M, 2F]
 The ragged_dot baselines: ragged_dot for gmm; for d_lhs and tgmm, the d_lhs and d_rhs of
-``jax.vjp(ragged_dot)`` (what XLA does for ragged_dot's backward pass).
+``jax.vjp(ragged_dot)`` (what XLA does for ragged_dot's backward pass). Under balanced routing
+(every group M/E rows) "batched" is the same products as one batched ``einsum`` over
+[E, M/E, .]: the backend's own batched GEMM, i.e. what per-group matmuls of these shapes can
+reach on it without any schedule (the ceiling for a grouped kernel).
 
   python experiments/bench_kernels.py --dtype=bfloat16            # on a GPU/TPU (pallas native)
   python experiments/bench_kernels.py --quick --backends=xla      # CPU smoke test
@@ -94,6 +97,14 @@ def run_shape(name, t, d, f, e, k, kind, dtype, backends, repeats):
       "tgmm": {"dense": (lambda a, b: jnp.dot(a.T, b, preferred_element_type=f32), (x, dy)),
                "ragged_dot": (lambda a, b: ragged_vjp(a, b, sizes, dy)[1], (x, w))},
   }
+  if kind == "balanced":   # equal groups: the per-group products as one batched GEMM
+    grp = lambda a: a.reshape(e, m // e, a.shape[1])
+    ops["gmm"]["batched"] = (lambda a, b: jnp.einsum("gmd,gdn->gmn", grp(a), b,
+                                                     preferred_element_type=f32), (x, w))
+    ops["d_lhs"]["batched"] = (lambda a, b: jnp.einsum("gmn,gdn->gmd", grp(a), b,
+                                                       preferred_element_type=f32), (dy, w))
+    ops["tgmm"]["batched"] = (lambda a, b: jnp.einsum("gmd,gmn->gdn", grp(a), grp(b),
+                                                      preferred_element_type=f32), (x, dy))
   for b in backends:
     if b == "pallas":
       ops["gmm"][b] = (lambda a, c: pk.gmm(a, c, sizes), (x, w))

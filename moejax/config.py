@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
   e.gmm_backend = "auto"
-  e.row_align = 1                # start each expert's rows on a multiple of this (128: CPU tile)
+  e.row_align = 1                # start each expert's rows on a multiple of this (a kernel tile)
   e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
   e.all_to_all = "auto"          # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
   e.ragged_buffer_factor = 0.0   # 0: worst-case ragged receive buffer (never drops); f > 0:

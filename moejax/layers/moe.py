@@ -239,9 +239,9 @@ class MoESpec:
   num_device_groups: int = 1
   z_loss_weight: float = 0.0
   gmm_backend: str = "auto"
-  # Start each expert's rows on a multiple of this (empty rows pad the groups): with the gmm
-  # tile (128 on CPU) no tile is split between experts, which pays off under skewed routing
-  # but costs up to E*(row_align-1) extra rows of activations (see experiments/bench_moe.py).
+  # Start each expert's rows on a multiple of this (empty rows pad the groups): with the Pallas
+  # kernels' row tile no tile is split between experts, at the cost of up to E*(row_align-1)
+  # extra rows. The CPU loop's tiles never split (group-anchored), so there it only adds rows.
   row_align: int = 1
   # "auto": when the current mesh has an expert axis > 1, split experts over it and move tokens
   # by all-to-all inside shard_map (moejax/parallel/expert_parallel.py); "none": leave the
