@@ -85,6 +85,16 @@ def test_edge_cases_under_jit(backend, sizes):
                              numpy_gmm(lhs, rhs, sizes), rtol=1e-4, atol=1e-4)
 
 
+def test_xla_backend_takes_zero_rows():
+  """An empty batch (M = 0) gives empty outputs and zero weight gradients, not a slicing error."""
+  lhs, rhs = _inputs(0, 3)
+  sizes = jnp.zeros(3, jnp.int32)
+  out, pull = jax.vjp(lambda a, b: gm.gmm(a, b, sizes, backend="xla"), lhs, rhs)
+  assert out.shape == (0, rhs.shape[2])
+  dl, dr = pull(out)
+  assert dl.shape == (0, lhs.shape[1]) and not np.any(np.asarray(dr))
+
+
 def test_tgmm_matches_reference():
   lhs, _ = _inputs(30, 3)
   grad = jax.random.normal(jax.random.key(5), (30, 7))
