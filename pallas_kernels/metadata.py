@@ -98,22 +98,17 @@ class GroupTiles:
   ``tm`` starting at the group's own first row, so a group of n rows costs ceil(n / tm) tiles
   and no tile is shared between groups (the aligned schedule above costs one extra tile per
   group boundary inside a tile). Tile starts are arbitrary rows, which suits a loop of dynamic
-  slices but not TPU block indexing.
+  slices but not TPU block indexing. Tiles are in row order (group by group), so a group's
+  tiles are consecutive and a tile's rows past its group's end belong to later tiles.
 
-  Full tiles (all tm rows in the group) come first, in group order, then each group's partial
-  last tile (n mod tm rows), in group order: a full tile needs no row mask, so a loop can write
-  its product straight into the output.
-
-  row:   [P] first row of each tile (a partial tile runs past its group's end).
+  row:   [P] first row of each tile (a group's last tile may run past the group's end).
   group: [P] local group of each tile.
   ends:  [num_local] one past the last row of each local group.
-  num_full: [] number of full tiles (entries 0 .. num_full - 1).
-  num_valid: [] full + partial tiles (later entries are padding).
+  num_valid: [] number of real tiles (later entries are padding).
   """
   row: Array
   group: Array
   ends: Array
-  num_full: Array
   num_valid: Array
 
 
@@ -126,20 +121,13 @@ def make_group_tiles(group_sizes: Array, num_rows: int, tm: int, *, group_offset
   ends_all = jnp.cumsum(group_sizes)
   local = jnp.asarray(group_offset, jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
   ends, sizes = ends_all[local], group_sizes[local]
-  starts = ends - sizes
-  full, partial = sizes // tm, (sizes % tm > 0).astype(jnp.int32)
+  tiles = (sizes + tm - 1) // tm
   bound = num_rows // tm + num_local
-  groups = jnp.arange(num_local, dtype=jnp.int32)
-  i = jnp.arange(bound, dtype=jnp.int32)
-  num_full = jnp.sum(full).astype(jnp.int32)
-  g_full = jnp.repeat(groups, full, total_repeat_length=bound)
-  row_full = starts[g_full] + (i - (jnp.cumsum(full) - full)[g_full]) * tm
-  g_part = jnp.repeat(groups, partial, total_repeat_length=bound)[jnp.maximum(i - num_full, 0)]
-  row_part = starts[g_part] + full[g_part] * tm
-  is_full = i < num_full
-  return GroupTiles(row=jnp.where(is_full, row_full, row_part).astype(jnp.int32),
-                    group=jnp.where(is_full, g_full, g_part).astype(jnp.int32), ends=ends,
-                    num_full=num_full, num_valid=num_full + jnp.sum(partial).astype(jnp.int32))
+  group = jnp.repeat(jnp.arange(num_local, dtype=jnp.int32), tiles, total_repeat_length=bound)
+  first = jnp.cumsum(tiles) - tiles
+  row = ends[group] - sizes[group] + (jnp.arange(bound, dtype=jnp.int32) - first[group]) * tm
+  return GroupTiles(row=row.astype(jnp.int32), group=group, ends=ends,
+                    num_valid=jnp.sum(tiles).astype(jnp.int32))
 
 
 def local_rows(group_sizes, num_rows: int, group_offset, num_local: int) -> Array:
