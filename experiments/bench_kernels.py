@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,11 +37,30 @@ except ImportError as err:
   gm = None
   print(f"moejax not importable ({err}); timing the Pallas kernels and baselines only")
 
+
+def _load_timing():
+  """moejax/experiment/timing.py by path: it needs only NumPy, while importing it as a package
+  module would pull in moejax's dependencies, which a bare accelerator machine may lack."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moejax",
+                      "experiment", "timing.py")
+  spec = importlib.util.spec_from_file_location("moejax_timing", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+interleaved_medians = _load_timing().interleaved_medians
+
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/bench_kernels", "Output directory.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Inputs dtype.")
 _BACKENDS = flags.DEFINE_list(
     "backends", ["pallas"], "'pallas' (pallas_kernels directly, native: TPU/GPU only) and/or "
     "moejax.ops.gmm backends (xla, ragged_dot, reference).")
+_BASELINES = flags.DEFINE_list(
+    "baselines", ["dense", "ragged_dot", "batched"],
+    "Baselines to time beside the backends (ragged_dot computes every group densely on CPU: "
+    "minutes per shape there).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "T, tokens per layer call.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed repetitions (median reported).")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes, few repeats (smoke test).")
@@ -62,17 +80,6 @@ def group_sizes(m, e, kind, seed=0):
     sizes = np.random.default_rng(seed).multinomial(m - m % e, p / p.sum())
   sizes[-1] += m - sizes.sum()
   return jnp.asarray(sizes, jnp.int32)
-
-
-def timed(fn, *args, repeats):
-  f = jax.jit(fn)
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
 
 
 def ragged_vjp(x, w, sizes, dy):
@@ -105,6 +112,9 @@ def run_shape(name, t, d, f, e, k, kind, dtype, backends, repeats):
                                                        preferred_element_type=f32), (dy, w))
     ops["tgmm"]["batched"] = (lambda a, b: jnp.einsum("gmd,gmn->gdn", grp(a), grp(b),
                                                       preferred_element_type=f32), (x, dy))
+  for impls in ops.values():
+    for base in [i for i in impls if i not in _BASELINES.value]:
+      del impls[base]
   for b in backends:
     if b == "pallas":
       ops["gmm"][b] = (lambda a, c: pk.gmm(a, c, sizes), (x, w))
@@ -121,12 +131,19 @@ def run_shape(name, t, d, f, e, k, kind, dtype, backends, repeats):
                         (x, dy))
   rows = []
   for op, impls in ops.items():
-    secs = {}
+    runs = {}
     for impl, (fn, args) in impls.items():
+      jf = jax.jit(fn)
       try:
-        secs[impl] = timed(fn, *args, repeats=repeats)
-      except Exception as err:  # noqa: BLE001 -- one broken impl must not hide the others
+        jax.block_until_ready(jf(*args))   # compile; one broken impl must not hide the others
+      except Exception as err:  # noqa: BLE001
         print(f"  {name} {op} {impl}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        continue
+      runs[impl] = lambda jf=jf, args=args: jax.block_until_ready(jf(*args))
+    # Interleaved rounds: drift on a noisy machine hits every impl of the op alike (timed one
+    # after another, the same loop measured 0.70x and 1.02x dense in two runs). The warm-up
+    # call repeats the compile call above: cheap, and it keeps one timing helper.
+    secs = interleaved_medians(runs, repeats)
     for impl, s in secs.items():
       rows.append(dict(shape=name, op=op, impl=impl, ms=s * 1e3, tflops=flops / s / 1e12,
                        x_dense=secs["dense"] / s if "dense" in secs else None,
