@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 JAX_PLATFORMS=cuda timeout 300 python -m pytest -q --noconftest -p no:cacheprovider \
   tests/pallas_kernels 2>&1 | tail -40 | tee "$OUT/tests.txt"
 JAX_PLATFORMS=cuda timeout 150 python experiments/bench_kernels.py --dtype=bfloat16 \
-  --backends=pallas,xla --out_dir="$OUT/bench_kernels" 2>&1 | tail -45
+  --backends=pallas,xla --out_dir="$OUT/bench_kernels" 2>&1 | tail -60
 JAX_PLATFORMS=cuda timeout 150 python experiments/bench_moe.py --dtype=bfloat16 \
   --backends=pallas,ragged_dot --notorch --nosweep --repeats=5 --out_dir="$OUT/bench_moe" \
   2>&1 | tail -25
