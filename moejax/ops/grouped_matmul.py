@@ -15,8 +15,8 @@ Backends:
   "ragged_dot" ``jax.lax.ragged_dot``: native on GPU/TPU, but computes every group densely on CPU.
   "xla"        tiled: each group's rows are cut into tiles of ``tile_m`` starting at the group's
                first row (default tile: ``default_tile_m``, sized to the mean group); a loop
-               runs one [tile_m, K] @ [K, N] matmul per tile. Custom VJP: d_lhs is the same op on the
-               transposed weights, d_rhs is the transposed op ``tgmm``.
+               runs one [tile_m, K] @ [K, N] matmul per tile. Custom VJP: d_lhs is the same
+               op on the transposed weights, d_rhs is the transposed op ``tgmm``.
   "pallas"     the Pallas kernels of ``pallas_kernels/`` (Mosaic on TPU, Triton on GPU); on CPU
                they run in the Pallas interpreter (slow: for tests only).
   "auto"       "pallas" on TPU/GPU, "xla" on CPU.

@@ -27,16 +27,22 @@ def test_example_schedule():
   assert (int(s.tile[6]), int(s.group[6]), bool(s.valid[6])) == (3, 3, False)
 
 
+@st.composite
+def schedules(draw):
+  """(sizes, num_rows, tm, group_offset, num_local): groups with empty ones and spare rows
+  after them, and the local groups of an expert-parallel shard."""
+  sizes = np.array(draw(st.lists(st.integers(0, 20), min_size=1, max_size=7)), np.int32)
+  m = max(int(sizes.sum()) + draw(st.integers(0, 9)), 1)
+  offset = draw(st.integers(0, len(sizes) - 1))
+  num_local = draw(st.integers(1, len(sizes) - offset))
+  return sizes, m, draw(st.sampled_from([1, 4, 8, 16])), offset, num_local
+
+
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(0, 20), min_size=1, max_size=7), st.integers(0, 9),
-       st.sampled_from([1, 4, 8, 16]), st.data())
-def test_schedule_matches_brute_force(sizes, spare_rows, tm, data):
-  sizes = np.array(sizes, np.int32)
-  m = int(sizes.sum()) + spare_rows
-  offset = data.draw(st.integers(0, len(sizes) - 1))
-  num_local = data.draw(st.integers(1, len(sizes) - offset))
-  s = make_group_metadata(jnp.asarray(sizes), max(m, 1), tm, group_offset=offset,
-                          num_local=num_local)
+@given(schedules())
+def test_schedule_matches_brute_force(problem):
+  sizes, m, tm, offset, num_local = problem
+  s = make_group_metadata(jnp.asarray(sizes), m, tm, group_offset=offset, num_local=num_local)
   want = brute_force_pairs(sizes, tm, offset, num_local)
   got = [(int(t), int(g)) for t, g, v in zip(s.tile, s.group, s.valid) if v]
   assert got == want                        # row order: tiles and groups both consecutive
@@ -46,17 +52,12 @@ def test_schedule_matches_brute_force(sizes, spare_rows, tm, data):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(0, 20), min_size=1, max_size=7), st.integers(0, 9),
-       st.sampled_from([1, 4, 8, 16]), st.data())
-def test_group_anchored_tiles_cover_each_local_row_once(sizes, spare_rows, tm, data):
+@given(schedules())
+def test_group_anchored_tiles_cover_each_local_row_once(problem):
   """Each local group's rows are cut into ceil(n / tm) tiles from its own first row, in row
   order; together they own every local row once and no other row."""
-  sizes = np.array(sizes, np.int32)
-  m = int(sizes.sum()) + spare_rows
-  offset = data.draw(st.integers(0, len(sizes) - 1))
-  num_local = data.draw(st.integers(1, len(sizes) - offset))
-  s = make_group_tiles(jnp.asarray(sizes), max(m, 1), tm, group_offset=offset,
-                       num_local=num_local)
+  sizes, m, tm, offset, num_local = problem
+  s = make_group_tiles(jnp.asarray(sizes), m, tm, group_offset=offset, num_local=num_local)
   ends = np.cumsum(sizes)
   starts = ends - sizes
   local_groups = range(offset, offset + num_local)
