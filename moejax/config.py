@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   m.norm_eps = 1e-6
   m.dtype = "float32"            # compute dtype; params stay float32
+  m.max_length = 0               # longest prompt + generated sequence; 0 = data.seq_len
   m.qkv_bias = False             # biases on the q/k/v projections (Qwen2-MoE)
   m.qk_norm = "none"             # RMSNorm of q and k before RoPE: none | head (per head over
                                  # head_dim: Qwen3-MoE) | full (all heads together: OLMoE)
@@ -44,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   a.qk_nope_head_dim = 32        # per-head query/key dimensions without RoPE
   a.qk_rope_head_dim = 16        # decoupled RoPE dimensions (one key shared by the heads)
   a.v_head_dim = 32
+  a.latent_norm_eps = 0.0        # eps of the q/kv latent RMSNorms; 0 = model.norm_eps
+                                 # (DeepSeek-V3 uses 1e-6 whatever its rms_norm_eps)
+  a.decode = "absorbed"          # generation reads the latent cache with the up-projections
+                                 # absorbed into query/output (absorbed) or expands it (expanded)
   m.moh = h = ml_collections.ConfigDict()
   h.shared_heads = 0             # always-on heads (the first ones)
   h.active_heads = 2             # routed heads per token (top-K of num_heads - shared_heads)
@@ -84,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
   e.gmm_backend = "auto"
+  e.decode_path = "auto"         # inference with few rows: gather (each row's selected experts'
+                                 # weights, batched dots) | grouped (the training layout) |
+                                 # auto (gather when tokens x k <= routed experts)
   e.row_align = 1                # start each expert's rows on a multiple of this (a kernel tile)
   e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
   e.all_to_all = "auto"          # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
@@ -242,6 +250,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
   _one_of(m.dtype, "model.dtype", ("float32", "bfloat16"))
+  _require(isinstance(m.max_length, int) and m.max_length >= 0, "model.max_length",
+           f"must be >= 0 (0 = data.seq_len), got {m.max_length!r}")
   _one_of(m.attention, "model.attention", ("standard", "mixture_of_heads", "latent"))
   if m.attention == "latent":
     _require(m.mla.q_lora_rank >= 0, "model.mla.q_lora_rank",
@@ -250,6 +260,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "v_head_dim")
     _require(m.mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
              f"must be even for RoPE, got {m.mla.qk_rope_head_dim}")
+    _require(m.mla.latent_norm_eps >= 0, "model.mla.latent_norm_eps",
+             f"must be >= 0 (0 = model.norm_eps), got {m.mla.latent_norm_eps}")
+    _one_of(m.mla.decode, "model.mla.decode", ("absorbed", "expanded"))
     _require(m.qk_norm == "none" and not m.qkv_bias, "model.attention",
              "'latent' has its own normalisations and no q/k/v biases: leave model.qk_norm="
              "'none' and model.qkv_bias=False")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.layers.dense import kernel_init
+from moejax.layers.kv_cache import causal_mask, write_cache
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -41,16 +42,24 @@ class Attention(nn.Module):
     return w.astype(self.dtype)
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array) -> Array:
-    out, wo, _ = self.head_outputs(x, positions)
+  def __call__(self, x: Array, positions: Array, cache_mode: str | None = None) -> Array:
+    """``cache_mode``: None (full sequence), "prefill" or "decode" (layers/kv_cache.py)."""
+    out, wo, _ = self.head_outputs(x, positions, cache_mode)
     return jnp.einsum("blhk,hkd->bld", out, wo)
 
-  def head_outputs(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+  def head_outputs(self, x: Array, positions: Array,
+                   cache_mode: str | None = None) -> tuple[Array, Array, Array]:
     """Per-head attention outputs [B, L, H, head_dim], the output projection [H, dh, D] and the
     queries [B, L, H, dh] (how heads combine is the caller's: a plain sum here, gated in
     mixture-of-heads, whose parameter-free router reads the queries)."""
     q, k, v, wo = self.project(x, positions)
-    return self.attend(q, k, v, positions), wo, q
+    return self.attend(q, *self.cached_kv(k, v, positions, cache_mode)), wo, q
+
+  def cached_kv(self, k: Array, v: Array, positions: Array, cache_mode: str | None):
+    """-> (keys, values, query positions, key positions) to attend over: the layer's own, or
+    its decoding cache (layers/kv_cache.py)."""
+    kv, key_positions = write_cache(self, {"key": k, "value": v}, positions, cache_mode)
+    return kv["key"], kv["value"], positions, key_positions
 
   def project(self, x: Array, positions: Array) -> tuple[Array, Array, Array, Array]:
     """-> queries [B, L, H, dh], keys and values [B, L, G, dh] (normed, RoPE applied) and the
@@ -71,17 +80,18 @@ class Attention(nn.Module):
     k, v = nn.with_logical_constraint(k, kv_heads), nn.with_logical_constraint(v, kv_heads)
     return q, k, v, wo
 
-  def attend(self, q: Array, k: Array, v: Array, positions: Array, *,
-             constrain: bool = True) -> Array:
-    """Causal attention of q [B, L, H, dh] over k, v [B, L, G, dh] -> [B, L, H, dh]
-    (``constrain=False`` for a subset of heads that need not divide the 'heads' mesh axis)."""
+  def attend(self, q: Array, k: Array, v: Array, positions: Array,
+             key_positions: Array | None = None, *, constrain: bool = True) -> Array:
+    """Causal attention of q [B, L, H, dh] over k, v [B, S, G, dh] -> [B, L, H, dh]; a key is
+    seen when its position (``key_positions`` [B, S], default ``positions``) is <= the
+    query's. ``constrain=False`` for a subset of heads that need not divide the 'heads' axis."""
     b, l, h, dh = q.shape
     g = k.shape[2]
     q = q.reshape(b, l, g, h // g, dh)
     scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
-    causal = positions[:, None, None, :, None] >= positions[:, None, None, None, :]
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    causal = causal_mask(positions, positions if key_positions is None else key_positions)
+    scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, l, h, dh)
     if not constrain:

@@ -28,6 +28,21 @@ def run_swiglu_experts(weights, xs: Array, group_sizes: Array, *, backend: str =
   return gmm(swiglu(up.reshape(-1, 2, h)), wo.astype(dtype), group_sizes, backend=backend)
 
 
+def run_gathered_swiglu_experts(weights, xs: Array, index: Array, gate: Array, *,
+                                dtype=jnp.float32) -> Array:
+  """The small-batch form: tokens [T, D] with their selected experts ``index`` [T, k] (-1 =
+  unused) and combine weights ``gate`` [T, k] -> [T, D]. Each row reads its k experts' weights
+  (a gather) and runs batched dots: no sort, no tile schedule, nothing padded. For T x k up to
+  about the number of experts this reads no more weights than the grouped path."""
+  wi, wo = weights
+  safe = jnp.maximum(index, 0)
+  x = xs.astype(dtype)
+  h = jnp.einsum("td,tkdch->tkch", x, wi.astype(dtype)[safe])
+  y = jnp.einsum("tkh,tkhd->tkd", swiglu(h), wo.astype(dtype)[safe])
+  w = jnp.where(index >= 0, gate, 0.0).astype(jnp.float32)
+  return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w).astype(dtype)
+
+
 class SwiGLUExperts(nn.Module):
   """E independent SwiGLU experts of hidden size ``hidden``.
 
@@ -58,6 +73,10 @@ class SwiGLUExperts(nn.Module):
 
   def run(self, weights, xs, group_sizes):
     return run_swiglu_experts(weights, xs, group_sizes, backend=self.gmm_backend, dtype=self.dtype)
+
+  def run_gathered(self, weights, xs, index, gate):
+    """Small-batch inference (MoEBlock's decode path): see ``run_gathered_swiglu_experts``."""
+    return run_gathered_swiglu_experts(weights, xs, index, gate, dtype=self.dtype)
 
   def __call__(self, xs: Array, group_sizes: Array) -> Array:
     return self.run(self.weights(), xs, group_sizes)

@@ -82,6 +82,7 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
   require(v["dispatch"] in PLANNERS, "dispatch",
           f"got {v['dispatch']!r}; allowed: {', '.join(map(repr, PLANNERS))}")
   for name, allowed in (("expert_parallel", ("auto", "none")),
+                        ("decode_path", ("auto", "gather", "grouped")),
                         ("all_to_all", ("auto", "ragged", "padded")),
                         ("load_balance_scope", ("micro_batch", "global_batch"))):
     require(v[name] in allowed, name, f"got {v[name]!r}; allowed: {', '.join(map(repr, allowed))}")
@@ -248,6 +249,11 @@ class MoESpec:
   # partitioning of the global computation to XLA.
   expert_parallel: str = "auto"
   all_to_all: str = "auto"       # "auto" | "ragged" | "padded" (see expert_parallel.py)
+  # Inference (deterministic) on few rows, e.g. one token per sequence while generating:
+  # "gather" reads each row's selected experts' weights and runs batched dots (no sort, no
+  # tile schedule); "grouped" keeps the training layout; "auto" gathers when tokens x k <= the
+  # routed experts (no more weight reads than the grouped path) and the bank can.
+  decode_path: str = "auto"
   ragged_buffer_factor: float = 0.0
   # Router options (see moejax/layers/routers/*.py; validation refuses one set for a router
   # that does not read it).
@@ -425,7 +431,6 @@ class MoEBlock(nn.Module):
     experts = s.make_bank(x.shape[-1], self.dtype)
     shared = SwiGLU(s.shared_hidden, self.dtype, name="shared") if s.num_shared_experts else None
     ep = expert_axis_size() if s.expert_parallel == "auto" else 1
-    self._log_path(ep)
     carry = router_state[1] if router_state is not None else None
     h, out = x, None
     for j in range(s.iterations):
@@ -437,7 +442,9 @@ class MoEBlock(nn.Module):
         routing = router(h, deterministic=deterministic, token_ids=token_ids)
       else:
         routing = router(h, deterministic=deterministic)
-      y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep)
+      gathers = self._gathers(experts, routing.dispatch_index.size, ep, deterministic)
+      self._log_path(ep, gathers)
+      y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep, gathers)
       if shared is not None:
         y = y + shared_output(self, shared, h.reshape(-1, x.shape[-1]), s.shared_expert_gate)
       self._record(routing, num_dropped, x.shape[-1])
@@ -446,10 +453,24 @@ class MoEBlock(nn.Module):
       h = h + y
     return (out, carry) if router_state is not None else out
 
-  def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int):
+  def _gathers(self, experts, slots: int, ep: int, deterministic: bool) -> bool:
+    """Whether this call takes the small-batch path (``spec.decode_path``): inference only, one
+    device's experts, a bank that can gather its weights (``run_gathered``). Dropless: every
+    selected expert is computed whatever ``dispatch`` says (nothing competes for capacity)."""
+    s = self.spec
+    if (not deterministic or ep > 1 or s.decode_path == "grouped"
+        or getattr(experts, "run_gathered", None) is None):
+      return False
+    return s.decode_path == "gather" or slots <= s.num_routed
+
+  def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int,
+              gathers: bool = False):
     """Routed experts' output [T, D] and the dropped-slot count, on one device or
     expert-parallel. Null-expert and unused slots are never computed."""
     s, index = self.spec, routing.dispatch_index
+    if gathers:
+      return experts.run_gathered(experts.weights(), tokens, index, routing.weight), \
+          jnp.zeros((), jnp.int32)
     if ep > 1:
       return expert_parallel_ffn(
           tokens, index, routing.weight, experts.weights(), experts.weight_specs(), experts.run,
@@ -461,19 +482,22 @@ class MoEBlock(nn.Module):
     return combine(experts(dispatch(tokens, plan), plan.group_sizes), plan,
                    routing.weight), plan.num_dropped
 
-  def _log_path(self, ep: int) -> None:
+  def _log_path(self, ep: int, gathers: bool = False) -> None:
     """Says once per layer kind which program the layer traced to (expert-parallel or not)."""
     s = self.spec
     kind = (f"MoE layer ({s.num_routed} routed experts, top-{s.routed_k}, {s.dispatch}"
             f"{', %d shared' % s.num_shared_experts if s.num_shared_experts else ''})")
-    if ep > 1:
+    if gathers:
+      path = ("small-batch path: each row's selected experts' weights gathered, batched dots "
+              f"(model.moe.decode_path={s.decode_path})")
+    elif ep > 1:
       path = (f"expert-parallel: shard_map over mesh axis 'expert' ({ep} devices, "
               f"{s.num_routed // ep} experts each), all_to_all={s.all_to_all}")
     else:
       path = (f"single-device dispatch (no 'expert' mesh axis in context"
               f"{'' if s.expert_parallel == 'auto' else ', expert_parallel=none'}), "
               f"gmm backend {resolve_backend(s.gmm_backend)}")
-    log_once((s, ep, self.dtype), "%s: %s", kind, path)
+    log_once((s, ep, self.dtype, gathers), "%s: %s", kind, path)
 
   def _record(self, routing: RoutingResult, num_dropped: Array, d_model: int) -> None:
     s = self.spec

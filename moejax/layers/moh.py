@@ -135,11 +135,15 @@ class MixtureOfHeadsAttention(Attention):
   gmm_backend: str = "auto"          # grouped-matmul backend of head_compute="selected"
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, cache_mode: str | None = None) -> Array:
+    """``cache_mode`` as in ``Attention``; at decode (one query per row) every head's score row
+    is computed over the cache and the unselected heads are masked by their zero gates (the
+    same values as "selected")."""
     if self.head_compute == "selected" and self.gating == "binary_ste":
       raise ValueError("model.moh.head_compute='selected' needs gating 'code' or 'paper': "
                        "binary_ste's straight-through gradient reads every head's output")
     queries, keys, values, wo = self.project(x, positions)             # q [B, L, H, dh]
+    keys, values, _, key_positions = self.cached_kv(keys, values, positions, cache_mode)
     h, hs, d = self.num_heads, self.shared_heads, x.shape[-1]
     param = lambda name, n: self.param(
         name, nn.with_logical_partitioning(kernel_init(0, 1), ("embed", None)), (d, n),
@@ -158,8 +162,8 @@ class MixtureOfHeadsAttention(Attention):
     self.sow("intermediates", "head_balance", loss)
     self.sow("intermediates", "head_load", jnp.mean(mask.reshape(-1, h - hs), axis=0))
     self.sow("intermediates", "active_heads", jnp.asarray(hs + self.active_heads, jnp.float32))
-    if self.head_compute == "all":
-      out = self.attend(queries, keys, values, positions)
+    if self.head_compute == "all" or cache_mode == "decode":
+      out = self.attend(queries, keys, values, positions, key_positions)
       return jnp.einsum("blhk,hkd->bld", out * gates.astype(out.dtype)[..., None], wo)
     top = jax.lax.top_k(mask, self.active_heads)[1]                    # the K selected heads
     y = selected_heads_output(queries, keys, values, wo, positions, top,

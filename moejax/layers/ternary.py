@@ -131,6 +131,7 @@ def run_ternary_experts(weights, xs: Array, group_sizes: Array, *, backend: str 
 
 class TernarySwiGLUExperts(SwiGLUExperts):
   """``SwiGLUExperts`` whose ``run`` uses ternary weights and 8-bit activations (QAT)."""
+  run_gathered = None          # no small-batch form: inference keeps the grouped path
 
   def run(self, weights, xs, group_sizes):
     return run_ternary_experts(weights, xs, group_sizes, backend=self.gmm_backend,

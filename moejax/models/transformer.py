@@ -48,6 +48,11 @@ class ModelConfig:
   # None unless attention="latent" (layers/mla.py): (q_lora_rank, kv_lora_rank,
   # qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
   mla: Optional[tuple] = None
+  latent_norm_eps: float = 0.0      # eps of MLA's q/kv latent norms; 0 = norm_eps
+  mla_decode: str = "absorbed"      # how MLA reads its latent cache (layers/mla.py)
+  # Longest sequence (prompt + generated tokens) generation accepts: the config's
+  # model.max_length, else the training data.seq_len; 0 = no limit set.
+  max_length: int = 0
 
   def is_moe_layer(self, i: int) -> bool:
     return (self.moe is not None and i >= self.first_dense_layers
@@ -58,12 +63,14 @@ class ModelConfig:
     return jnp.dtype(self.dtype)
 
   @classmethod
-  def from_config(cls, model) -> "ModelConfig":
-    """Builds from the ``config.model`` ConfigDict (already validated)."""
+  def from_config(cls, model, default_max_length: int = 0) -> "ModelConfig":
+    """Builds from the ``config.model`` ConfigDict (already validated); ``default_max_length``
+    (the training sequence length) applies when ``model.max_length`` is 0."""
     moe_cfg = model.moe
     moe = MoESpec.from_config(moe_cfg)
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers",
-                                                          "moh", "mla"}
+                                                          "moh", "mla", "latent_norm_eps",
+                                                          "mla_decode", "max_length"}
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
@@ -75,6 +82,8 @@ class ModelConfig:
       mla = (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim)
     return cls(moe=moe, moe_every=moe_cfg.moe_every,
                first_dense_layers=moe_cfg.first_dense_layers, moh=moh, mla=mla,
+               latent_norm_eps=model.mla.latent_norm_eps, mla_decode=model.mla.decode,
+               max_length=model.max_length or default_max_length,
                **{name: model[name] for name in fields})
 
 
@@ -85,17 +94,19 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, positions: Array, *, deterministic: bool,
                tokens: Array | None = None, router_state: tuple | None = None,
-               prompt_length: Array | None = None):
+               prompt_length: Array | None = None, cache_mode: str | None = None):
     """-> (x, router carry): the carry of a recurrent router (RMoE), passed through dense
     layers unchanged (None for other routers). ``prompt_length``: set by the sampler, read by
-    the layers that treat the prompt differently at inference (Lory's merge)."""
+    the layers that treat the prompt differently at inference (Lory's merge). ``cache_mode``:
+    None, "prefill" or "decode" (layers/kv_cache.py)."""
     c, dt = self.cfg, self.cfg.compute_dtype
     h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
     options = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
     if c.mla is not None:
       q_rank, kv_rank, d_nope, d_rope, d_v = c.mla
       attn = LatentAttention(c.num_heads, kv_rank, d_nope, d_rope, d_v, q_rank, c.rope_theta,
-                             c.norm_eps, dt, name="attn")
+                             c.norm_eps, dt, latent_norm_eps=c.latent_norm_eps or None,
+                             decode_form=c.mla_decode, name="attn")
     elif c.moh is None:
       attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dt, **options,
                        name="attn")
@@ -105,7 +116,7 @@ class DecoderLayer(nn.Module):
                                      **options, shared_heads=shared, active_heads=active,
                                      gating=gating, router=router, balance_weight=weight,
                                      head_compute=compute, gmm_backend=backend, name="attn")
-    x = x + attn(h, positions)
+    x = x + attn(h, positions, cache_mode)
     h = RMSNorm(c.norm_eps, dt, name="ffn_norm")(x)
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
@@ -113,7 +124,8 @@ class DecoderLayer(nn.Module):
         y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
                                             router_state=router_state)
       else:
-        y = SoftMergeBlock(c.moe, dt, name="moe")(h, prompt_length=prompt_length)
+        y = SoftMergeBlock(c.moe, dt, name="moe")(h, prompt_length=prompt_length,
+                                                  positions=positions, cache_mode=cache_mode)
       if router_state is not None:
         y, carry = y
     else:
@@ -123,25 +135,33 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, L] int32 -> logits [B, L, V] float32."""
+  """tokens [B, L] int32 -> logits [B, L, V] float32.
+
+  Generation (moejax/inference/) calls it with ``cache_mode="prefill"`` on the padded prompts,
+  then ``"decode"`` with one token and its ``positions`` [B, 1] per row, passing the
+  ``"cache"`` collection in and out (layers/kv_cache.py). ``prompt_length`` (a scalar or [B])
+  is read by layers that route on the prompt at inference (Lory's and SMEAR's merges).
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens: Array, *, deterministic: bool = True,
-               prompt_length: Array | None = None) -> Array:
+               prompt_length: Array | None = None, positions: Array | None = None,
+               cache_mode: str | None = None) -> Array:
     c = self.cfg
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype, name="embed",
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
     x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     gru = carry = None
     if c.moe is not None and getattr(ROUTERS[c.moe.router], "recurrent", False):
       gru = GRU(c.moe.recurrent_router_dim or c.d_model, name="router_gru")   # shared by layers
     for i in range(c.num_layers):
       x, carry = DecoderLayer(c, i, name=f"layer_{i}")(
           x, positions, deterministic=deterministic, tokens=tokens, prompt_length=prompt_length,
-          router_state=(gru, carry) if gru is not None else None)
+          router_state=(gru, carry) if gru is not None else None, cache_mode=cache_mode)
     x = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     unembed = self.param("unembed", nn.with_logical_partitioning(
         kernel_init(0, 1), ("embed", "vocab")),

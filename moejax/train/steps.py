@@ -31,7 +31,7 @@ _MUTABLE = ["losses", "intermediates", "param_updates"]
 
 
 def build_model(config) -> Transformer:
-  return Transformer(ModelConfig.from_config(config.model))
+  return Transformer(ModelConfig.from_config(config.model, config.data.seq_len))
 
 
 def _init_tokens(config):

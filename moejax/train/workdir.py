@@ -25,8 +25,10 @@ from moejax.errors import ConfigError
 CONFIG_FILE = "config.json"
 
 # model.* settings that choose how the same model is computed, not what it computes.
+# (max_length bounds generation; decode/decode_path choose how a generated token is computed)
 EXECUTION_KEYS = frozenset({"model.moe.gmm_backend", "model.moe.expert_parallel",
-                            "model.moe.all_to_all", "model.moe.row_align"})
+                            "model.moe.all_to_all", "model.moe.row_align", "model.max_length",
+                            "model.mla.decode", "model.moe.decode_path"})
 
 
 def defines_model(key: str) -> bool:
