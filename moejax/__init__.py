@@ -9,8 +9,10 @@ The public API (anything not listed here may change between versions):
             loss(model, params, batch) -> (total, LossOutput(ce, aux_loss, routing))
   layers    MoESpec (validated; MoESpec.from_counts states routed/active experts directly),
             MoEBlock, RoutingResult
-  training  Trainer(config, workdir): train(steps), evaluate(), sample(prompt), save(),
-            restore(), Trainer.from_workdir(workdir); NonFiniteLossError
+  training  Trainer(config, workdir): train(steps), evaluate(), sample(prompt), generate(prompts),
+            save(), restore(), Trainer.from_workdir(workdir); NonFiniteLossError
+  generation generate(model, params, prompts, max_new_tokens, *, temperature, top_k, top_p, seed,
+            stop) -> GenerateResult(tokens, cache_bytes, timings); GenerationError
   plots     plot_history(trainer.history) -> figure; plot_run(workdir) -> run.png (loss curves
             and per-layer expert load; need matplotlib)
   kernels   moejax.ops.gmm(lhs, rhs, group_sizes, backend=...), moejax.ops.tgmm
@@ -21,6 +23,7 @@ from moejax import ops
 from moejax.api import (LossOutput, ModelOutput, build_model, forward, get_config, init_params,
                         list_configs, loss)
 from moejax.config import ConfigError, base_config, validate
+from moejax.inference import GenerateResult, GenerationError, generate
 from moejax.layers.moe import MoEBlock, MoESpec
 from moejax.layers.routers import RoutingResult
 from moejax.train.trainer import NonFiniteLossError, Trainer, TrainResult
@@ -41,8 +44,8 @@ def plot_run(workdir: str, out_path: str | None = None) -> str:
 
 
 __all__ = [
-    "ConfigError", "LossOutput", "ModelOutput", "MoEBlock", "MoESpec", "NonFiniteLossError",
-    "RoutingResult", "TrainResult", "Trainer", "base_config", "build_model", "forward",
-    "get_config", "init_params", "list_configs", "loss", "ops", "plot_history", "plot_run",
-    "validate",
+    "ConfigError", "GenerateResult", "GenerationError", "LossOutput", "ModelOutput", "MoEBlock",
+    "MoESpec", "NonFiniteLossError", "RoutingResult", "TrainResult", "Trainer", "base_config",
+    "build_model", "forward", "generate", "get_config", "init_params", "list_configs", "loss",
+    "ops", "plot_history", "plot_run", "validate",
 ]

@@ -168,8 +168,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "The "
-  s.num_tokens = 200
+  s.num_tokens = 0               # new tokens; 0 = up to model.max_length (default data.seq_len)
   s.temperature = 0.8            # 0 = greedy
+  s.top_k = 0                    # sample among the k most probable tokens; 0 = all
+  s.top_p = 1.0                  # nucleus: the smallest set reaching this mass; 1 = all
+  s.stop = ""                    # stop a sample once it ends with this text; "" = never
   s.seed = 0
   return c
 
@@ -340,6 +343,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"must be >= 0 (0 = no limit), got {t.max_steps_per_run}")
   _require(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
            f"must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
-  _require(config.sample.temperature >= 0, "sample.temperature",
-           f"must be >= 0 (0 = greedy), got {config.sample.temperature}")
+  smp = config.sample
+  _require(smp.temperature >= 0, "sample.temperature",
+           f"must be >= 0 (0 = greedy), got {smp.temperature}")
+  _require(isinstance(smp.top_k, int) and smp.top_k >= 0, "sample.top_k",
+           f"must be an integer >= 0 (0 = no limit), got {smp.top_k!r}")
+  _require(0 < smp.top_p <= 1, "sample.top_p", f"must be in (0, 1], got {smp.top_p}")
+  _require(smp.num_tokens >= 0, "sample.num_tokens",
+           f"must be >= 0 (0 = up to model.max_length), got {smp.num_tokens}")
   return config

@@ -49,8 +49,8 @@ def test_train_then_eval_and_sample_use_the_workdir_config(tmp_path):
   assert "step    30/30" in out and "tok/s" in out and "ETA" in out
   assert "final | step 30 | val loss" in out and "sample (temperature" in out
   assert "data: generated corpus (seed 0, 40,000 bytes), validation split" in out
-  assert "MoE layer (" in out and "single-device dispatch" in out     # which path ran, once
-  assert out.count("MoE layer (") == 1
+  # which path ran, once each: training's dispatch, then generation's small-batch path
+  assert out.count("single-device dispatch") == 1 and out.count("small-batch path") == 1
   assert not ABSL_LINE.search(p.stdout + p.stderr), "library INFO lines reached the console"
   log = open(os.path.join(wd, "logs", "run.log")).read()
   assert "checkpoint" in log.lower()                                   # ... they went here
@@ -76,6 +76,8 @@ def test_train_then_eval_and_sample_use_the_workdir_config(tmp_path):
           "--config.sample.prompt=count:", "--config.sample.temperature=0")
   text = [l for l in p.stdout.splitlines() if not l.startswith(("note:", "MoE layer", "  "))]
   assert text[0].startswith("count:"), p.stdout
+  assert re.search(r"\d+ new tokens: prefill \d+ tokens/s, decode \d+ tokens/s \(batch 1",
+                   p.stdout)
 
   p = run(f"--workdir={wd}", "--mode=eval", "--config.model.moe.top_k=3", check=False)
   assert p.returncode == 2 and "Traceback" not in p.stderr
