@@ -166,6 +166,10 @@ def base_config() -> ml_collections.ConfigDict:
   u.method = "copy"              # copy (sparse upcycling) | drop (Drop-Upcycling) | split
   u.drop_fraction = 0.5          # drop: share of each expert's hidden units re-initialised
 
+  # Written by the Hugging Face importer (moejax/convert/hf_config.py): fields of the source
+  # config.json no moejax setting holds (tied embeddings, token ids), restored on export.
+  c.convert = ml_collections.ConfigDict(dict(hf_fields="{}"))
+
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "The "
   s.num_tokens = 0               # new tokens; 0 = up to model.max_length (default data.seq_len)

@@ -113,7 +113,7 @@ class Family:
   moe_prefix: str                    # "block_sparse_moe" (Mixtral) | "mlp"
   expert_names: tuple[str, str, str]  # gate, up, down projections of one expert
   qk_norm: str = "none"
-  qkv_bias: bool = False
+  qkv_bias: bool = False             # q/k/v biases allowed (Qwen2-MoE: its qkv_bias field)
   shared_prefix: str | None = None   # Qwen2-MoE: "shared_expert" (+ "shared_expert_gate")
   experts_key: str = "num_experts"
   expert_hidden_key: str = "moe_intermediate_size"
@@ -209,11 +209,6 @@ def table(fam: Family, cfg, rope_interleave: bool = False) -> list[Entry]:
   return out
 
 
-# ----------------------------------------------------------------------------- configs
-def _unsupported(key, value, why):
-  raise ConversionError(f"HF config {key}={value!r} is not supported: {why}")
-
-
 def family_of(hf: dict) -> Family:
   mt = hf.get("model_type")
   if mt not in FAMILIES:
@@ -222,98 +217,13 @@ def family_of(hf: dict) -> Family:
   return FAMILIES[mt]
 
 
-def _rope_theta(hf: dict) -> float:
-  rope = hf.get("rope_parameters") or {}
-  if rope.get("rope_type", "default") != "default":
-    _unsupported("rope_parameters.rope_type", rope.get("rope_type"), "only plain RoPE ('default')")
-  if hf.get("rope_scaling"):
-    _unsupported("rope_scaling", hf["rope_scaling"], "only plain RoPE")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _dense_layers(fam: Family, hf: dict) -> tuple[int, int]:
-  """(first_dense_layers, moe_every) from Qwen's decoder_sparse_step / mlp_only_layers."""
-  step = int(hf.get("decoder_sparse_step", 1) or 1)
-  only = sorted(hf.get("mlp_only_layers") or [])
-  if only and (only != list(range(len(only))) or step != 1):
-    _unsupported("mlp_only_layers", only, "only a leading prefix of dense layers (0..n-1) with "
-                 "decoder_sparse_step=1")
-  return (len(only), 1) if only else (step - 1, step)
-
-
-def config_from_hf(hf: dict) -> tuple[Family, dict]:
-  """-> (family, flat moejax config overrides) for an HF config.json dict."""
-  fam = family_of(hf)
-  if hf.get("hidden_act", "silu") != "silu":
-    _unsupported("hidden_act", hf["hidden_act"], "experts and FFNs are SwiGLU (silu)")
-  if hf.get("use_sliding_window") or (hf.get("sliding_window") and
-                                      "use_sliding_window" not in hf):
-    _unsupported("sliding_window", hf.get("sliding_window"), "full causal attention only")
-  if hf.get("clip_qkv") is not None:
-    _unsupported("clip_qkv", hf["clip_qkv"], "no clipping of q/k/v")
-  if hf.get("attention_bias"):
-    _unsupported("attention_bias", True, "biases only on q/k/v (Qwen2-MoE's qkv_bias)")
-  heads = hf["num_attention_heads"]
-  first_dense, every = _dense_layers(fam, hf)
-  renorm = (fam.default_renormalize if fam.default_renormalize is not None
-            else bool(hf.get("norm_topk_prob", False)))
-  o = {
-      "model.vocab_size": hf["vocab_size"], "model.d_model": hf["hidden_size"],
-      "model.num_layers": hf["num_hidden_layers"], "model.num_heads": heads,
-      "model.num_kv_heads": hf.get("num_key_value_heads") or heads,
-      "model.head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-      "model.ffn_hidden": hf["intermediate_size"], "model.rope_theta": _rope_theta(hf),
-      "model.norm_eps": float(hf["rms_norm_eps"]), "model.qk_norm": fam.qk_norm,
-      "model.qkv_bias": fam.qkv_bias,
-      "model.moe.routed_experts": hf.get(fam.experts_key) or hf.get("num_local_experts")
-                                  or hf["num_experts"],
-      "model.moe.active_experts": hf["num_experts_per_tok"],
-      "model.moe.expert_hidden": hf[fam.expert_hidden_key],
-      "model.moe.router": "topk_softmax", "model.moe.renormalize": renorm,
-      "model.moe.first_dense_layers": first_dense, "model.moe.moe_every": every,
-      "model.moe.load_balance_weight": float(hf.get("router_aux_loss_coef", 0.01)),
-      "model.moe.jitter_eps": float(hf.get("router_jitter_noise", 0.0) or 0.0),
-  }
-  if fam.shared_gate:
-    o.update({"model.moe.num_shared_experts": 1,
-              "model.moe.shared_expert_hidden": hf["shared_expert_intermediate_size"],
-              "model.moe.shared_expert_gate": True})
-  if fam.name == "deepseek_v3":
-    o.update(_deepseek_v3(hf))
-  return fam, o
-
-
-def _deepseek_v3(hf: dict) -> dict:
-  if int(hf.get("moe_layer_freq", 1) or 1) != 1:
-    _unsupported("moe_layer_freq", hf["moe_layer_freq"], "every layer after the first "
-                 "first_k_dense_replace is MoE")
-  if hf.get("topk_method", "noaux_tc") != "noaux_tc":
-    _unsupported("topk_method", hf["topk_method"], "DeepSeek-V3's noaux_tc routing only")
-  heads, dn, dr = hf["num_attention_heads"], hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
-  return {
-      "model.attention": "latent", "model.num_kv_heads": heads, "model.head_dim": dn + dr,
-      "model.mla.q_lora_rank": hf.get("q_lora_rank") or 0,
-      "model.mla.kv_lora_rank": hf["kv_lora_rank"], "model.mla.qk_nope_head_dim": dn,
-      "model.mla.qk_rope_head_dim": dr, "model.mla.v_head_dim": hf["v_head_dim"],
-      "model.moe.num_shared_experts": hf.get("n_shared_experts") or 0,
-      "model.moe.router": "sigmoid",
-      "model.moe.routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
-      "model.moe.num_expert_groups": hf.get("n_group") or 1,
-      "model.moe.groups_per_token": hf.get("topk_group") or 1,
-      "model.moe.group_mask_fill": "neg_inf",
-      "model.moe.first_dense_layers": hf.get("first_k_dense_replace", 0),
-      "model.moe.moe_every": 1, "model.moe.load_balance_weight": 0.0,
-      "model.moe.jitter_eps": 0.0,
-  }
-
-
 def infer_family(cfg) -> Family:
   """The HF family a moejax model (``ModelConfig``) can be exported as, or ConversionError."""
   s = cfg.moe
   if s is None:
     raise ConversionError("model.moe: export to an HF MoE family needs an MoE model")
   for fam in FAMILIES.values():
-    if (fam.qk_norm == cfg.qk_norm and fam.qkv_bias == cfg.qkv_bias
+    if (fam.qk_norm == cfg.qk_norm and (fam.qkv_bias or not cfg.qkv_bias)
         and fam.attention == ("latent" if cfg.mla is not None else "standard")
         and fam.router == s.router and fam.shared_gate == s.shared_expert_gate
         and (bool(fam.shared_prefix) == bool(s.num_shared_experts) or fam.name == "deepseek_v3")
@@ -335,7 +245,9 @@ def check_exportable(fam: Family, cfg) -> None:
       ((cfg.mla is not None) == (fam.attention == "latent"), "model.attention",
        f"{fam.name} uses {fam.attention!r} attention"),
       (cfg.qk_norm == fam.qk_norm, "model.qk_norm", f"{fam.name} uses {fam.qk_norm!r}"),
-      (cfg.qkv_bias == fam.qkv_bias, "model.qkv_bias", f"{fam.name} uses {fam.qkv_bias}"),
+      (fam.qkv_bias or not cfg.qkv_bias, "model.qkv_bias", f"{fam.name} has no q/k/v biases"),
+      (cfg.mla is None or (cfg.latent_norm_eps or cfg.norm_eps) == 1e-6,
+       "model.mla.latent_norm_eps", "DeepSeek-V3's q/kv latent norms use eps 1e-6"),
       (s.router == fam.router and not s.null_experts, "model.moe.router",
        f"{fam.name} routes with {fam.router!r} (no null experts)"),
       (s.router != "sigmoid" or (s.group_mask_fill == "neg_inf" and s.group_routing == "limited"
@@ -366,40 +278,3 @@ def check_exportable(fam: Family, cfg) -> None:
   for ok, key, why in checks:
     if not ok:
       raise ConversionError(f"cannot export as {fam.name}: {key}: {why}")
-
-
-def config_to_hf(fam: Family, cfg) -> dict:
-  s = cfg.moe
-  out = {
-      "architectures": [fam.architecture], "model_type": fam.name, "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden, "hidden_act": "silu",
-      "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      fam.experts_key: s.num_routed, "num_experts_per_tok": s.routed_k,
-      fam.expert_hidden_key: s.fine_hidden, "router_aux_loss_coef": s.load_balance_weight,
-  }
-  if fam.default_renormalize is None:
-    out["norm_topk_prob"] = s.renormalize
-  if fam.name in ("qwen3_moe", "qwen2_moe"):
-    every, first = cfg.moe_every, cfg.first_dense_layers
-    out.update(decoder_sparse_step=every,
-               mlp_only_layers=list(range(first)) if every == 1 else [])
-    if every > 1 and first != every - 1:
-      raise ConversionError(f"cannot export as {fam.name}: model.moe.first_dense_layers="
-                            f"{first} with moe_every={every}: Qwen's "
-                            "decoder_sparse_step puts MoE layers at moe_every-1, 2*moe_every-1,..")
-  if fam.shared_gate:
-    out.update(qkv_bias=True, shared_expert_intermediate_size=s.shared_hidden)
-  if fam.name == "deepseek_v3":
-    q_rank, kv_rank, dn, dr, dv = cfg.mla
-    out.update(num_key_value_heads=cfg.num_heads, head_dim=dr, q_lora_rank=q_rank or None,
-               kv_lora_rank=kv_rank, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
-               rope_interleave=True, n_shared_experts=s.num_shared_experts,
-               n_group=s.num_expert_groups, topk_group=s.groups_per_token,
-               routed_scaling_factor=s.routed_scaling_factor, norm_topk_prob=s.renormalize,
-               first_k_dense_replace=cfg.first_dense_layers, topk_method="noaux_tc")
-    if cfg.moe_every != 1:
-      raise ConversionError("cannot export as deepseek_v3: model.moe.moe_every must be 1")
-  return out

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.convert import families
+from moejax.convert import families, hf_config
 from moejax.convert.safetensors_io import ShardedWriter, TensorSource
 from moejax.train.checkpoint import tree_set
 from moejax.errors import ConversionError
@@ -52,7 +52,7 @@ def _progress(items, desc, enabled):
   if not enabled:
     return items
   from tqdm import tqdm
-  return tqdm(items, desc=desc, unit="tensor")
+  return tqdm(items, desc=desc, unit="tensor", disable=None)   # a bar on a terminal only
 
 
 def _tree_get(tree, path):
@@ -75,21 +75,23 @@ def _abstract_params(config):
 def hf_config_to_moejax(hf: dict, base=None):
   """-> (family, validated moejax ConfigDict) for an HF config.json dict."""
   from moejax import config as config_lib
-  fam, overrides = families.config_from_hf(hf)
+  fam, overrides = hf_config.config_from_hf(hf)
   cfg = config_lib.apply_overrides(config_lib.base_config() if base is None else base, overrides)
   return fam, config_lib.validate(cfg)
 
 
 def iter_hf_params(src: str, config, fam, progress: bool = False,
-                   rope_interleave: bool = False, dtype: str = "keep"):
+                   rope_interleave: bool = False, dtype: str = "keep", stats: dict | None = None):
   """Yields (path, array) for every moejax parameter of ``src`` (a jax.Array in the
   checkpoint's dtype or ``dtype``), each assembled as soon as its HF tensors are read; a tensor
-  the table has no place for raises at the end."""
+  the table has no place for raises at the end. ``stats`` (a dict) counts tensors and bytes."""
   model, shapes = _abstract_params(config)
   source = TensorSource(src)
   entries = families.table(fam, model.cfg, rope_interleave=bool(rope_interleave))
   tied = "lm_head.weight" not in source.weight_map
   used = set()
+  stats = stats if stats is not None else {}
+  stats.update(tensors=0, bytes=0)
   for entry in _progress(entries, f"import {fam.name}", progress):
     hf_names = entry.hf
     if entry.path == ("unembed",) and tied:
@@ -109,6 +111,8 @@ def iter_hf_params(src: str, config, fam, progress: bool = False,
                               f"{shape} <- {entry.kind})")
       tensors.append(np.asarray(source.get(name)))
       used.add(name)
+      stats["tensors"] += 1
+      stats["bytes"] += tensors[-1].nbytes
     value = families.TRANSFORMS[entry.kind][0](tensors, shape, entry)
     del tensors
     # a jax.Array: orbax saves one with one write buffer, a NumPy array with a device copy
@@ -169,7 +173,8 @@ def import_hf(src: str, workdir: str, *, overrides: dict | None = None, dtype: s
               progress: bool = True) -> dict:
   """HF checkpoint directory -> moejax workdir. ``overrides``: non-model settings for the
   workdir (data path, batch size, ...); ``dtype``: stored parameter dtype ("keep" = the
-  checkpoint's; training restores them as float32). Returns {'family', 'config', 'workdir'}."""
+  checkpoint's; training restores them as float32). Returns {'family', 'config', 'workdir',
+  'tensors', 'bytes'} (the HF tensors read)."""
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype={dtype!r}: allowed {DTYPES}")
   path = os.path.join(src, "config.json")
@@ -181,9 +186,11 @@ def import_hf(src: str, workdir: str, *, overrides: dict | None = None, dtype: s
   if overrides:
     from moejax import config as config_lib
     config = config_lib.apply_overrides(config, overrides)
+  stats = {}
   _write_workdir(workdir, config, iter_hf_params(
-      src, config, fam, progress, rope_interleave=hf.get("rope_interleave", False), dtype=dtype))
-  return {"family": fam.name, "config": config, "workdir": workdir}
+      src, config, fam, progress, rope_interleave=hf_config.rope_interleave(fam, hf), dtype=dtype,
+      stats=stats))
+  return {"family": fam.name, "config": config, "workdir": workdir, **stats}
 
 
 class SavedModel:
@@ -227,9 +234,14 @@ def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str =
   cfg = saved.cfg
   fam = families.FAMILIES[family] if family else families.infer_family(cfg)
   families.check_exportable(fam, cfg)
-  hf_config = families.config_to_hf(fam, cfg)
-  hf_config.update(torch_dtype=dtype, dtype=dtype)
-  table = families.table(fam, cfg, rope_interleave=fam.attention == "latent")
+  fields = json.loads(saved.config.convert.hf_fields or "{}")
+  # tied only while lm_head still is the embedding (fine-tuning may have untied them)
+  tied = bool(fields.get("tie_word_embeddings")) and np.array_equal(
+      saved.leaf(("unembed",)), saved.leaf(("embed", "embedding")).T)
+  config_json = hf_config.config_to_hf(fam, cfg, fields, tied=tied)
+  config_json.update(torch_dtype=dtype, dtype=dtype)
+  table = [e for e in families.table(fam, cfg, rope_interleave=fam.attention == "latent")
+           if not (tied and e.path == ("unembed",))]
   plan = [(name, shp, jnp.dtype(dtype)) for e in table
           for name, shp in zip(e.hf, families.hf_shapes(e, saved.shape(e.path)))]
   writer = ShardedWriter(dst, plan, max_shard_bytes)
@@ -238,9 +250,9 @@ def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str =
       value = saved.leaf(entry.path)
       for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
         writer.add(name, np.ascontiguousarray(t).astype(jnp.dtype(dtype), copy=False))
-    writer.write_file("config.json", json.dumps(hf_config, indent=2))
+    writer.write_file("config.json", json.dumps(config_json, indent=2))
     writer.close()
   except BaseException:
     writer.abort()
     raise
-  return {"family": fam.name, "dir": dst, "bytes": writer.total_bytes}
+  return {"family": fam.name, "dir": dst, "bytes": writer.total_bytes, "tensors": len(plan)}

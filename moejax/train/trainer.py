@@ -188,9 +188,12 @@ class Trainer:
     return self.state["params"]
 
   def save(self) -> str:
-    """Checkpoints the current state (atomically) and returns its directory."""
+    """Checkpoints the current state (atomically) with the workdir's config.json, so the
+    workdir is complete for eval, sample, resume and conversion; returns the step's directory."""
     if self.ckpt is None:
       raise ValueError("Trainer(workdir=None) has nowhere to save; pass a workdir")
+    if jax.process_index() == 0:
+      workdir_lib.save_config(self.workdir, self.config)
     self.ckpt.save(self.step, self.state)
     self.ckpt.wait()
     return f"{self.ckpt.directory}/{self.step}"
