@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Issue 14's accelerator checks in one script (about 10 minutes on an H100/H200), run from the
+# The accelerator checks in one script (about 12 minutes on an H100/H200), run from the
 # repository root on the device machine, which has JAX + CUDA but cannot reach a package index:
 #   1. installs what is missing from .gpu_wheels/ (built here by `make gpu-wheels`, carried along),
 #   2. runs the Pallas kernel tests natively (every test also runs its interpreter variant),
 #   3. times gmm / d_lhs / tgmm against dense bf16 matmuls and jax.lax.ragged_dot,
-#   4. times the whole MoE layer against a dense FFN (bench_moe, bf16).
-# Results go to $OUT (default /tmp/gpu_check): device.txt, tests.txt, bench_kernels/, bench_moe/.
+#   4. times the whole MoE layer against a dense FFN (bench_moe, bf16),
+#   5. times KV-cache generation: prefill/decode tokens/s, the small-batch MoE path (bench_decode,
+#      bf16).
+# Results go to $OUT (default /tmp/gpu_check): device.txt, tests.txt, bench_kernels/, bench_moe/,
+# bench_decode/.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -26,3 +29,5 @@ JAX_PLATFORMS=cuda timeout 150 python experiments/bench_kernels.py --dtype=bfloa
 JAX_PLATFORMS=cuda timeout 150 python experiments/bench_moe.py --dtype=bfloat16 \
   --backends=pallas,ragged_dot --notorch --nosweep --repeats=5 --out_dir="$OUT/bench_moe" \
   2>&1 | tail -25
+JAX_PLATFORMS=cuda timeout 150 python experiments/bench_decode.py --dtype=bfloat16 --nohf \
+  --repeats=3 --out_dir="$OUT/bench_decode" 2>&1 | tail -30

@@ -101,8 +101,13 @@ GSHARD_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample "
                  "--config.sample.prompt=\"ROMEO:\" --config.sample.temperature=0")
 
 
+GEN_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample --config.sample.prompt=\"ROMEO:\" "
+              "--config.sample.top_k=40 --config.sample.top_p=0.9 "
+              "--config.sample.num_tokens=100")
+
+
 @pytest.mark.slow
-@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE)
+@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE, GEN_SAMPLE)
 def test_running_experiments_commands(tmp_path):
   runs_dir = os.path.join(ROOT, "runs", "gshard")
   shutil.rmtree(runs_dir, ignore_errors=True)
@@ -113,6 +118,9 @@ def test_running_experiments_commands(tmp_path):
     assert "eval | step 12" in out and "data: " in out
     out = _run(GSHARD_SAMPLE, ROOT)
     assert "ROMEO:" in out
+    # the small run's model is 32 positions long: fewer new tokens than the README's 100
+    out = _run(f"{GEN_SAMPLE} --config.sample.num_tokens=16", ROOT)
+    assert "ROMEO:" in out and "16 new tokens: prefill" in out
   finally:
     shutil.rmtree(runs_dir, ignore_errors=True)
 
@@ -301,6 +309,19 @@ def test_compare_moh_and_merging_commands(tmp_path):
   out, text = _run_experiment(MERGING_CMD, "--quick --steps=3 --seeds=0 --noestimate "
                               "--configs=top1,lory --step_time_steps=0", tmp_path / "merging")
   assert "lory vs top1" in text and "Lory segment 8 of 32" in text, out
+
+
+BENCH_DECODE = "python experiments/bench_decode.py"
+
+
+@pytest.mark.slow
+@runs(BENCH_DECODE)
+def test_decode_benchmark_command(tmp_path):
+  pytest.importorskip("transformers")
+  out = _run(f"{BENCH_DECODE} --quick --out_dir={tmp_path}", ROOT)
+  text = open(tmp_path / "results.md").read()
+  assert "| fine64 | 1 | 32 | " in text and "decode vs HF" in text, out
+  assert "small-batch MoE path" in text and "of the bound" in text
 
 
 BENCH_MOH = "python experiments/bench_moh.py"
