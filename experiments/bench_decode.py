@@ -16,9 +16,11 @@ positions. Compared in one process, interleaved rounds, medians:
   hf       transformers' generate with its KV cache (CPU torch, float32) on the weights
            exported by moejax.convert (default: no HF family has its shared-expert layout);
   moejax   moejax.generate (decode: one lax.while_loop; prefill: one call).
-Decode tokens/s = B x (new - 1) / decode time (hf: generate time minus its prefill forward).
+Decode tokens/s = B x (new - 1) / decode time (hf: generate of ``new`` tokens minus generate
+of one, i.e. the new - 1 decode steps with generate's own per-step work).
 Then at batch 1: the decode step with model.moe.decode_path=gather against grouped (the
-training layout), and the MoE layer alone on one row. Last, a model of >= 200 MB of weights
+training layout), and the MoE layer alone on one row; MLA's absorbed decode against expanding
+its latent cache. Last, a model of >= 200 MB of weights
 at batch 1: decode time per token against bytes read per token / the copy bandwidth measured
 here (bytes = the parameters a token reads: attention, router, shared and k routed experts,
 norms, one embedding row, the unembedding; plus the KV cache at the context).
@@ -167,7 +169,8 @@ def bench_model(name: str, overrides: dict, work: str, repeats: int) -> list[dic
         return r.prefill_seconds, r.decode_seconds
       runs = {"moejax": ours, "window": window_step(model, params, batch, context)}
       if hf is not None:
-        runs["hf_prefill"], runs["hf_generate"] = hf.prefill(p), hf.generate(p, new)
+        runs.update(hf_prefill=hf.prefill(p), hf_generate=hf.generate(p, new),
+                    hf_generate_1=hf.generate(p, 1))
       t = median_times(runs, repeats)
       prefill, decode = t["moejax"]
       row = dict(model=name, batch=batch, context=context, new=new,
@@ -176,7 +179,7 @@ def bench_model(name: str, overrides: dict, work: str, repeats: int) -> list[dic
                  decode_tps=batch * (new - 1) / decode, window_tps=batch / t["window"])
       row["vs_window"] = row["decode_tps"] / row["window_tps"]
       if hf is not None:
-        hf_decode = max(t["hf_generate"] - t["hf_prefill"], 1e-9)
+        hf_decode = max(t["hf_generate"] - t["hf_generate_1"], 1e-9)
         row.update(hf_prefill_tps=batch * (context - new) / t["hf_prefill"],
                    hf_decode_tps=batch * (new - 1) / hf_decode)
         row["vs_hf_decode"] = row["decode_tps"] / row["hf_decode_tps"]
@@ -220,6 +223,27 @@ def bench_paths(name: str, overrides: dict, repeats: int) -> dict:
               step_speedup=t["grouped"][1] / t["gather"][1],
               layer_gather_us=lt["gather"] * 1e6, layer_grouped_us=lt["grouped"] * 1e6,
               layer_speedup=lt["grouped"] / lt["gather"])
+
+
+def bench_mla_forms(repeats: int) -> list[dict]:
+  """MLA decode reading the latent cache with absorbed up-projections against expanding it."""
+  config = make_config(MODELS["mla"])
+  model = build_model(config)
+  params = init_params(model, config, seed=0)
+  new = 8 if _QUICK.value else _NEW.value
+  rows = []
+  for batch, context in ((1, 64), (4, 64)) if _QUICK.value else ((1, 512), (16, 512)):
+    p = prompts(batch, context - new)
+
+    def decode(form):
+      m = model.clone(cfg=dataclasses.replace(model.cfg, mla_decode=form))
+      return lambda: (0.0, generate(m, params, p, new).decode_seconds)
+    t = median_times({"absorbed": decode("absorbed"), "expanded": decode("expanded")}, repeats)
+    rows.append(dict(batch=batch, context=context,
+                     absorbed_ms=t["absorbed"][1] / (new - 1) * 1e3,
+                     expanded_ms=t["expanded"][1] / (new - 1) * 1e3,
+                     speedup=t["expanded"][1] / t["absorbed"][1]))
+  return rows
 
 
 def copy_bandwidth(nbytes: int = 512 << 20) -> float:
@@ -283,6 +307,7 @@ def main(argv):
     for name, overrides in MODELS.items():
       rows += bench_model(name, overrides, work, repeats)
       paths.append(bench_paths(name, overrides, repeats))
+  forms = bench_mla_forms(repeats)
   mem = bench_memory_bound(repeats)
   hf = any("hf_decode_tps" in r for r in rows)
   lines = [f"Device: {jax.devices()[0].device_kind}, JAX {jax.__version__}, {_DTYPE.value}, "
@@ -309,12 +334,18 @@ def main(argv):
     lines.append(f"| {r['model']} | {r['decode_gather_ms']:.2f} | {r['decode_grouped_ms']:.2f} "
                  f"| {r['step_speedup']:.2f}x | {r['layer_gather_us']:.0f} | "
                  f"{r['layer_grouped_us']:.0f} | {r['layer_speedup']:.2f}x |")
+  lines += ["", "MLA decode: up-projections absorbed into the query and output (default) against "
+            "expanding the latent cache to keys and values every step.", "",
+            "| batch | context | absorbed ms/step | expanded ms/step | absorbed speed-up |",
+            "|---|---|---|---|---|"]
+  lines += [f"| {r['batch']} | {r['context']} | {r['absorbed_ms']:.2f} | {r['expanded_ms']:.2f} | "
+            f"{r['speedup']:.2f}x |" for r in forms]
   lines += ["", f"Memory bound at batch 1: {mem['weights_mb']:.0f} MB of weights, "
             f"{mem['bytes_per_token_mb']:.1f} MB read per token, copy bandwidth "
             f"{mem['bandwidth_gbs']:.1f} GB/s: bound {mem['bound_ms']:.2f} ms/token, measured "
             f"{mem['decode_ms']:.2f} ms/token = {mem['fraction_of_bound']:.0%} of the bound."]
   report.write_results(_OUT.value, "\n".join(lines), {"rows": rows, "paths": paths,
-                                                       "memory_bound": mem})
+                                                       "mla_forms": forms, "memory_bound": mem})
 
 
 if __name__ == "__main__":

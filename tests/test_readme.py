@@ -321,7 +321,7 @@ def test_decode_benchmark_command(tmp_path):
   out = _run(f"{BENCH_DECODE} --quick --out_dir={tmp_path}", ROOT)
   text = open(tmp_path / "results.md").read()
   assert "| fine64 | 1 | 32 | " in text and "decode vs HF" in text, out
-  assert "small-batch MoE path" in text and "of the bound" in text
+  assert "small-batch MoE path" in text and "of the bound" in text and "absorbed speed-up" in text
 
 
 BENCH_MOH = "python experiments/bench_moh.py"

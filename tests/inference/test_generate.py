@@ -10,6 +10,7 @@ import moejax
 from moejax.inference import GenerationError, generate
 from moejax.inference.generate import _decode, _prefill
 from moejax.inference.sampling import filter_logits, next_tokens, row_keys
+from moejax.layers.experts import run_gathered_swiglu_experts
 from moejax.layers.moe import MoEBlock, MoESpec
 from tests.conftest import tiny_config
 
@@ -136,17 +137,33 @@ def test_batch_choice_router_is_refused_in_its_batch_form():
     generate(model, None, [[1, 2]], 4)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
-def test_small_batch_path_equals_the_grouped_path(rows, caplog):
-  """The gathered path (decode_path='gather') against the training layout, with shared experts
-  and k=2 of 8 routed experts; auto picks it while tokens x k <= routed experts."""
+@pytest.mark.parametrize("rows", [1, 4, 32])
+def test_small_batch_path_equals_the_grouped_path(rows):
+  """The gathered path (decode_path='gather', both its forms) against the training layout, with
+  shared experts and k=2 of 8 routed experts; auto picks it while tokens x k <= 4 x routed
+  experts on CPU."""
   base = dict(num_experts=5, top_k=2, expert_hidden=32, segments=2, num_shared_experts=2)
   x = jax.random.normal(jax.random.key(0), (rows, 1, 16))
   outs = {}
   for path in ("gather", "grouped", "auto"):
     block = MoEBlock(MoESpec(**base, decode_path=path))
     params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
-    with caplog.at_level("INFO", logger="moejax"):
-      outs[path] = np.asarray(block.apply({"params": params}, x))
+    outs[path] = np.asarray(block.apply({"params": params}, x))
   np.testing.assert_allclose(outs["gather"], outs["grouped"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(outs["auto"], outs["gather" if rows * 2 <= 8 else "grouped"])
+  np.testing.assert_array_equal(outs["auto"], outs["gather" if rows * 2 <= 32 else "grouped"])
+  wi, wo = params["experts"]["wi"], params["experts"]["wo"]
+  index = jax.random.randint(jax.random.key(2), (rows, 3), -1, 8)
+  gate = jax.random.uniform(jax.random.key(3), (rows, 3))
+  forms = [np.asarray(run_gathered_swiglu_experts((wi, wo), x[:, 0], index, gate, form=f))
+           for f in ("loop", "batched")]
+  np.testing.assert_allclose(forms[0], forms[1], rtol=1e-5, atol=1e-6)
+  want = sum(np.where(index[:, j, None] >= 0, gate[:, j, None], 0) * np.stack(
+      [np_swiglu(np.asarray(x[t, 0]), wi[max(int(index[t, j]), 0)], wo[max(int(index[t, j]), 0)])
+       for t in range(rows)]) for j in range(3))
+  np.testing.assert_allclose(forms[0], want, rtol=1e-4, atol=1e-5)
+
+
+def np_swiglu(u, wi, wo):
+  wi, wo = np.asarray(wi, np.float64), np.asarray(wo, np.float64)
+  g, up = u @ wi[:, 0], u @ wi[:, 1]
+  return (g / (1 + np.exp(-g)) * up) @ wo
