@@ -2,7 +2,7 @@
 and transformers' generate, the small-batch MoE path, and decode against the memory bound.
 
   python experiments/bench_decode.py              # three models, batch 1/16, context 128/512
-  python experiments/bench_decode.py --quick      # tiny shapes (smoke test)
+  python experiments/bench_decode.py --quick      # tiny shapes, one batch/context (smoke test)
   python experiments/bench_decode.py --dtype=bfloat16 --nohf    # on an accelerator
 
 Models (random weights, byte vocabulary): "default" (configs/default.py: 63 routed experts
@@ -52,6 +52,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes, one round (smoke test).
 _HF = flags.DEFINE_bool("hf", True, "Compare with transformers' generate (needs torch).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _NEW = flags.DEFINE_integer("new", 32, "New tokens per prompt.")
+_MODELS = flags.DEFINE_list("models", ["default", "fine64", "mla"], "Models to time (MODELS).")
 
 MODELS = {
     "default": {},
@@ -154,7 +155,7 @@ def bench_model(name: str, overrides: dict, work: str, repeats: int) -> list[dic
   hf = None
   if _HF.value and name != "default" and _DTYPE.value == "float32":
     hf = HFRunner(config, params, os.path.join(work, name))
-  batches, contexts = ((1, 4), (32, 64)) if _QUICK.value else ((1, 16), (128, 512))
+  batches, contexts = ((1,), (32,)) if _QUICK.value else ((1, 16), (128, 512))
   new = min(_NEW.value, 8) if _QUICK.value else _NEW.value
   rows = []
   for batch in batches:
@@ -217,7 +218,7 @@ def bench_paths(name: str, overrides: dict, repeats: int) -> dict:
     lp = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
     fn = jax.jit(lambda q, v, b=block: b.apply({"params": q}, v))
     layer[path] = lambda fn=fn, lp=lp: jax.block_until_ready(fn(lp, x))
-  lt = median_times(layer, max(repeats, 20))
+  lt = median_times(layer, 3 if _QUICK.value else max(repeats, 20))
   return dict(model=name, decode_gather_ms=t["gather"][1] / (new - 1) * 1e3,
               decode_grouped_ms=t["grouped"][1] / (new - 1) * 1e3,
               step_speedup=t["grouped"][1] / t["gather"][1],
@@ -232,7 +233,7 @@ def bench_mla_forms(repeats: int) -> list[dict]:
   params = init_params(model, config, seed=0)
   new = 8 if _QUICK.value else _NEW.value
   rows = []
-  for batch, context in ((1, 64), (4, 64)) if _QUICK.value else ((1, 512), (16, 512)):
+  for batch, context in ((1, 64),) if _QUICK.value else ((1, 512), (16, 512)):
     p = prompts(batch, context - new)
 
     def decode(form):
@@ -304,10 +305,12 @@ def main(argv):
   repeats = 1 if _QUICK.value else _REPEATS.value
   rows, paths = [], []
   with tempfile.TemporaryDirectory() as work:
-    for name, overrides in MODELS.items():
-      rows += bench_model(name, overrides, work, repeats)
-      paths.append(bench_paths(name, overrides, repeats))
-  forms = bench_mla_forms(repeats)
+    for name in _MODELS.value:
+      if name not in MODELS:
+        raise app.UsageError(f"--models: {name!r} is not one of {', '.join(MODELS)}")
+      rows += bench_model(name, MODELS[name], work, repeats)
+      paths.append(bench_paths(name, MODELS[name], repeats))
+  forms = bench_mla_forms(repeats) if "mla" in _MODELS.value else []
   mem = bench_memory_bound(repeats)
   hf = any("hf_decode_tps" in r for r in rows)
   lines = [f"Device: {jax.devices()[0].device_kind}, JAX {jax.__version__}, {_DTYPE.value}, "

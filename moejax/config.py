@@ -89,9 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1
   e.z_loss_weight = 0.0          # ST-MoE router z-loss
   e.gmm_backend = "auto"
-  e.decode_path = "auto"         # inference with few rows: gather (each row's selected experts'
-                                 # weights, batched dots) | grouped (the training layout) |
-                                 # auto (gather when tokens x k <= routed experts)
+  e.decode_path = "auto"         # inference with few rows: gather (each row's selected experts
+                                 # read directly) | grouped (the training layout) | auto
+                                 # (gather up to 4 slots per routed expert on CPU, 1 elsewhere)
   e.row_align = 1                # start each expert's rows on a multiple of this (a kernel tile)
   e.expert_parallel = "auto"     # auto: shard_map + all-to-all when mesh.expert > 1 | none
   e.all_to_all = "auto"          # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded

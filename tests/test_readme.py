@@ -318,7 +318,7 @@ BENCH_DECODE = "python experiments/bench_decode.py"
 @runs(BENCH_DECODE)
 def test_decode_benchmark_command(tmp_path):
   pytest.importorskip("transformers")
-  out = _run(f"{BENCH_DECODE} --quick --out_dir={tmp_path}", ROOT)
+  out = _run(f"{BENCH_DECODE} --quick --models=fine64,mla --out_dir={tmp_path}", ROOT)
   text = open(tmp_path / "results.md").read()
   assert "| fine64 | 1 | 32 | " in text and "decode vs HF" in text, out
   assert "small-batch MoE path" in text and "of the bound" in text and "absorbed speed-up" in text

@@ -494,8 +494,8 @@ class MoEBlock(nn.Module):
     kind = (f"MoE layer ({s.num_routed} routed experts, top-{s.routed_k}, {s.dispatch}"
             f"{', %d shared' % s.num_shared_experts if s.num_shared_experts else ''})")
     if gathers:
-      path = ("small-batch path: each row's selected experts' weights gathered, batched dots "
-              f"(model.moe.decode_path={s.decode_path})")
+      path = ("small-batch path: each row's selected experts read in place, no sort or tile "
+              f"schedule (model.moe.decode_path={s.decode_path})")
     elif ep > 1:
       path = (f"expert-parallel: shard_map over mesh axis 'expert' ({ep} devices, "
               f"{s.num_routed // ep} experts each), all_to_all={s.all_to_all}")

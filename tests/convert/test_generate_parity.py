@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import moejax  # noqa: E402
 from moejax.convert import import_hf  # noqa: E402
-from tests.convert.test_hf import (BASE, CASES, check_close, hf_logits,  # noqa: E402
+from tests.convert.test_hf import (check_close, hf_logits, hf_model,  # noqa: E402
                                    moejax_logits, restored)
 
 NEW = 32
@@ -27,21 +27,6 @@ PARITY = {
     "qwen2_moe": {"qkv_bias": False},
     "deepseek_v3": {"rms_norm_eps": 1e-3},
 }
-
-
-def _hf_model(name, extra, seed=0):
-  cfg_cls, model_cls, base = CASES[name]
-  torch.manual_seed(seed)
-  model = getattr(transformers, model_cls)(
-      getattr(transformers, cfg_cls)(**{**BASE, **base, **extra})).eval()
-  with torch.no_grad():       # norms and biases away from 1 and 0, routing biases random
-    for n, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.3 * torch.randn_like(p))
-    for n, b in model.named_buffers():
-      if "e_score_correction_bias" in n:
-        b.copy_(0.1 * torch.randn_like(b))
-  return model
 
 
 def hf_generate(model, prompts, n):
@@ -58,7 +43,7 @@ def hf_generate(model, prompts, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PARITY))
 def test_converted_model_generates_what_transformers_generates(name, tmp_path):
-  model = _hf_model(name, PARITY[name])
+  model = hf_model(name, **PARITY[name])
   src = tmp_path / "hf"
   model.save_pretrained(src)
   if name == "deepseek_v3":                 # the key absent: transformers reads True

@@ -50,10 +50,11 @@ CASES = {
 }
 
 
-def hf_model(name, seed=0):
+def hf_model(name, seed=0, **settings):
+  """A tiny random HF model of case ``name`` (``settings``: config fields on top)."""
   cfg_cls, model_cls, extra = CASES[name]
   torch.manual_seed(seed)
-  cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+  cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra, **settings})
   model = getattr(transformers, model_cls)(cfg).eval()
   with torch.no_grad():     # random norms, biases and routing biases too, so a dropped or
     for n, p in model.named_parameters():       # swapped one shows

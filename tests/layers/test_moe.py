@@ -145,14 +145,20 @@ def test_moe_path_is_logged_once_per_layer_kind(caplog):
   import logging
   from moejax import logs
   x = jax.random.normal(jax.random.key(6), (2, 4, D))
-  spec = dataclasses.replace(SPEC, gmm_backend="xla")
+  spec = dataclasses.replace(SPEC, gmm_backend="xla", decode_path="grouped")
   block, params = _init(spec, x)
+  small = MoEBlock(dataclasses.replace(spec, decode_path="auto"))    # 16 slots <= 4 x 6
   logs._seen.clear()
   with caplog.at_level(logging.INFO, logger="moejax"):
     for _ in range(3):
       jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
       block.apply({"params": params}, x)
+      small.apply({"params": params}, x)
   lines = [r.getMessage() for r in caplog.records if "MoE layer" in r.getMessage()]
+  assert [l for l in lines if "small-batch path" in l] == [
+      "MoE layer (6 routed experts, top-2, dropless, 2 shared): small-batch path: each row's "
+      "selected experts read in place, no sort or tile schedule (model.moe.decode_path=auto)"]
+  lines = [l for l in lines if "small-batch path" not in l]
   assert lines == ["MoE layer (6 routed experts, top-2, dropless, 2 shared): single-device "
                    "dispatch (no 'expert' mesh axis in context), gmm backend xla"]
 
