@@ -17,7 +17,7 @@ Memory is XLA's compiled estimate: peak = arguments + outputs + temporaries - al
 holds E/k times the dense layer's weights and gradients by design), and temporaries alone
 (activations saved for the backward pass and workspace: the dispatch overhead).
 
-  python experiments/bench_moe.py                 # the three shapes of issue 5 + the token sweep
+  python experiments/bench_moe.py                 # the three layer shapes + the token sweep
   python experiments/bench_moe.py --quick         # smaller, for a smoke test
   python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch  # GPU
 
@@ -353,7 +353,7 @@ def run_shape(name, t, d, f, e, k, kind, repeats):
                  "mem_x_dense": c.peak_bytes / dense.peak_bytes if c.peak_bytes else None,
                  "temp_x_dense": c.temp_bytes / dense.temp_bytes if c.temp_bytes else None,
                  **c.extra})
-  # Issue 14's memory bound: 1.2 x the dense step's peak + the MoE's extra weights and their
+  # The memory bound: 1.2 x the dense step's peak + the MoE's extra weights and their
   # gradients, 2 x (3 E D F - 3 D kF) x itemsize.
   item = jnp.dtype(_DTYPE.value).itemsize
   bound = 1.2 * dense.peak_bytes + 2 * 3 * d * f * (e - k) * item if dense.peak_bytes else None

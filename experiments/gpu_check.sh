@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator checks in one script (about 12 minutes on an H100/H200), run from the
-# repository root on the device machine, which has JAX + CUDA but cannot reach a package index:
+# repository root on a GPU machine that has JAX + CUDA but cannot reach a package index:
 #   1. installs what is missing from .gpu_wheels/ (built here by `make gpu-wheels`, carried along),
 #   2. runs the Pallas kernel tests natively (every test also runs its interpreter variant),
 #   3. times gmm / d_lhs / tgmm against dense bf16 matmuls and jax.lax.ragged_dot,

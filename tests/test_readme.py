@@ -34,7 +34,7 @@ ELSEWHERE = {
      "--coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0"): (
         "tests/parallel/test_multihost.py runs two such processes against one"),
     "JAX_PLATFORMS=cuda python -m pytest tests/pallas_kernels": "needs a GPU",
-    "make gpu-wheels": "downloads wheels for the device machine (run by hand before a GPU run)",
+    "make gpu-wheels": "downloads wheels for an offline GPU machine (run by hand before a GPU run)",
     "python experiments/bench_kernels.py --dtype=bfloat16": (
         "Pallas kernels at speed need a GPU/TPU; test_bench_kernels_smoke runs the CPU backends"),
     "python experiments/bench_moe.py --dtype=bfloat16 --backends=pallas,ragged_dot --notorch": (

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from moejax.convert.families import FAMILIES, Family, family_of
+from moejax.convert.families import Family, family_of
 from moejax.errors import ConversionError
 
 _COMMON = dict(hidden_act="silu", head_dim=None, tie_word_embeddings=False, pad_token_id=None,
@@ -67,7 +67,7 @@ def hf_field(fam: Family, hf: dict, key: str):
   """transformers' value of ``key`` for this config.json: its own, else the class default."""
   if key in hf:
     return hf[key]
-  if key == FAMILIES[fam.name].experts_key:
+  if key == fam.experts_key:
     for alias in _EXPERT_ALIASES:
       if alias in hf:
         return hf[alias]

@@ -7,7 +7,7 @@ up-projection, activation and down-projection, and ``combine`` gathers the rows 
 the gate-weighted sum. Both planners share ``dispatch``/``combine``, so a new layout (tile-aligned
 padding, expert-parallel all-to-all) is a new planner, not a new MoE layer.
 
-Why one gather each way: measured on CPU while scoping issue 5, padding and un-padding rows
+Why one gather each way: measured on CPU, padding and un-padding rows
 inside every grouped matmul costs about half of a layer's time; doing it once per layer does not.
 """
 from __future__ import annotations

@@ -121,11 +121,11 @@ def write_params_streaming(workdir: str, step: int, leaves: Iterable[tuple[tuple
   if os.path.exists(final):
     raise FileExistsError(f"{final} exists: write into a new workdir")
   os.makedirs(root, exist_ok=True)
-  session = os.path.join(root, f"{step}.streaming")
-  for stale in os.listdir(root):               # an interrupted session's leftovers
+  staging = os.path.join(root, f"{step}.streaming")
+  for stale in os.listdir(root):               # an interrupted save's leftovers
     if stale.startswith(f"{step}.streaming"):
       shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-  partial.save(session, {"step": np.asarray(step, np.int32)})
+  partial.save(staging, {"step": np.asarray(step, np.int32)})
   batch, size = {}, 0
   for path, value in leaves:
     value = value if isinstance(value, jax.Array) else np.asarray(value)
@@ -133,17 +133,17 @@ def write_params_streaming(workdir: str, step: int, leaves: Iterable[tuple[tuple
     size += value.nbytes
     del value
     if size >= batch_bytes:           # saved before the next array is produced
-      partial.save(session, batch)
+      partial.save(staging, batch)
       batch, size = {}, 0
   if batch:
-    partial.save(session, batch)
-  partial.finalize(session)
-  os.replace(os.path.join(session, "state"), os.path.join(session, "default"))
-  meta_path = os.path.join(session, "_CHECKPOINT_METADATA")
+    partial.save(staging, batch)
+  partial.finalize(staging)
+  os.replace(os.path.join(staging, "state"), os.path.join(staging, "default"))
+  meta_path = os.path.join(staging, "_CHECKPOINT_METADATA")
   meta = json.load(open(meta_path))
   meta["item_handlers"] = {"default": "orbax.checkpoint._src.handlers.standard_checkpoint_handler."
                                       "StandardCheckpointHandler"}
   with open(meta_path, "w") as f:
     json.dump(meta, f)
-  os.replace(session, final)
+  os.replace(staging, final)
   return final

@@ -366,13 +366,17 @@ class Trainer:
     """Continues ``prompt`` (a string, or a list of strings generated as one batch) and returns
     prompt + continuation; every argument defaults to ``config.sample``; temperature 0 is
     greedy. ``generate`` gives the tokens, timings and cache size instead."""
-    prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
-    result = self.generate(prompts, num_tokens, temperature, seed, top_k=top_k, top_p=top_p,
-                           stop=stop)
-    s = self.config.sample
-    texts = [data_lib.decode(np.concatenate([data_lib.encode(s.prompt if p is None else p), t]))
-             for p, t in zip(prompts, result.tokens)]
-    return texts[0] if isinstance(prompt, str) or prompt is None else texts
+    single = isinstance(prompt, str) or prompt is None
+    texts, _ = self.sample_with_result([prompt] if single else list(prompt), num_tokens,
+                                       temperature, seed, top_k=top_k, top_p=top_p, stop=stop)
+    return texts[0] if single else texts
+
+  def sample_with_result(self, prompts: list[str | None], *args, **kwargs):
+    """-> (prompt + continuation texts, the ``GenerateResult``); arguments as ``generate``."""
+    prompts = [self.config.sample.prompt if p is None else p for p in prompts]
+    result = self.generate(prompts, *args, **kwargs)
+    return [data_lib.decode(np.concatenate([data_lib.encode(p), t]))
+            for p, t in zip(prompts, result.tokens)], result
 
   def generate(self, prompts: list[str] | None = None, num_tokens: int | None = None,
                temperature: float | None = None, seed: int | None = None, *,
@@ -490,10 +494,7 @@ def eval_only(workdir: str, overrides: dict | None = None) -> dict:
 def sample_only(workdir: str, overrides: dict | None = None) -> str:
   """``--mode=sample``: continues ``sample.prompt`` with the workdir's model (KV-cache
   generation), then one line of timings and cache size."""
-  trainer = _restored(workdir, overrides, "sample")
-  result = trainer.generate()
-  text = data_lib.decode(np.concatenate([data_lib.encode(trainer.config.sample.prompt),
-                                         result.tokens[0]]))
+  (text,), result = _restored(workdir, overrides, "sample").sample_with_result([None])
   say(text)
   say(generation_line(result))
   return text
