@@ -4,6 +4,7 @@
       --config.model.moe.num_experts=8 --config.data.path=../shared/data/tinyshakespeare.txt
   python run.py --workdir=runs/dsm --mode=eval      # the model as trained: runs/dsm/config.json
   python run.py --workdir=runs/dsm --mode=sample --config.sample.prompt="ROMEO:"
+  python run.py --workdir=runs/dsm --mode=analyze   # routing traces + report: runs/dsm/analysis
 
 Re-running ``train`` in the same workdir resumes from its latest checkpoint; settings that define
 the trained model cannot change on resume, eval or sample (the error names each one).
@@ -28,8 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file (train); eval/sample use the workdir's config.json and apply only "
     "the --config.* overrides.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Checkpoints, metrics and config.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "upcycle"],
-                          "What to do (upcycle: step 0 of an MoE from config.upcycle.source).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "analyze", "upcycle"],
+                          "What to do (analyze: routing traces and report, config.analyze; "
+                          "upcycle: step 0 of an MoE from config.upcycle.source).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-host runs "
     "(or env MOEJAX_COORDINATOR_ADDRESS); unset on one host.")
@@ -108,6 +110,8 @@ def main(argv):
                     "--config contributes only its --config.* overrides")
     if mode == "eval":
       trainer.eval_only(workdir, overrides)
+    elif mode == "analyze":
+      trainer.analyze_only(workdir, overrides)
     else:
       trainer.sample_only(workdir, overrides)
   except config_lib.ConfigError as e:

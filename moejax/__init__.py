@@ -7,6 +7,9 @@ The public API (anything not listed here may change between versions):
   model     build_model(config) -> Flax module; init_params(model, config, seed);
             forward(model, params, tokens) -> ModelOutput(logits, aux_loss, routing);
             loss(model, params, batch) -> (total, LossOutput(ce, aux_loss, routing))
+  analysis  analyze(workdir, overrides) -> Analysis (routing traces, report.md, plots);
+            steered(model, steer) and forward/generate(..., steer={...}): inference-time
+            deactivation, forcing, reinforcing, self-contrast, capacity, skipping
   layers    MoESpec (validated; MoESpec.from_counts states routed/active experts directly),
             MoEBlock, RoutingResult
   training  Trainer(config, workdir): train(steps), evaluate(), sample(prompt), generate(prompts),
@@ -20,8 +23,8 @@ The public API (anything not listed here may change between versions):
 See the README's "Use from Python" and experiments/notebooks/quickstart.ipynb.
 """
 from moejax import ops
-from moejax.api import (LossOutput, ModelOutput, build_model, forward, get_config, init_params,
-                        list_configs, loss)
+from moejax.api import (LossOutput, ModelOutput, analyze, build_model, forward, get_config,
+                        init_params, list_configs, loss, steered)
 from moejax.config import ConfigError, base_config, validate
 from moejax.inference import GenerateResult, GenerationError, generate
 from moejax.layers.moe import MoEBlock, MoESpec
@@ -44,7 +47,7 @@ def plot_run(workdir: str, out_path: str | None = None) -> str:
 
 
 __all__ = [
-    "ConfigError", "GenerateResult", "GenerationError", "LossOutput", "ModelOutput", "MoEBlock",
+    "ConfigError", "GenerateResult", "analyze", "steered", "GenerationError", "LossOutput", "ModelOutput", "MoEBlock",
     "MoESpec", "NonFiniteLossError", "RoutingResult", "TrainResult", "Trainer", "base_config",
     "build_model", "forward", "generate", "get_config", "init_params", "list_configs", "loss",
     "ops", "plot_history", "plot_run", "validate",

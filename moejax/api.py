@@ -21,6 +21,7 @@ import ml_collections
 from flax import struct
 
 from moejax import config as config_lib
+from moejax.inference import steer as steer_lib
 from moejax.models.transformer import Transformer
 from moejax.train import steps
 
@@ -95,12 +96,49 @@ def routing_by_layer(intermediates) -> dict:
 
 
 def forward(model: Transformer, params, tokens: Array, *, rng: jax.Array | None = None,
-            deterministic: bool = True) -> ModelOutput:
+            deterministic: bool = True, steer: Mapping[str, Any] | None = None,
+            calibration=None) -> ModelOutput:
   """tokens [B, L] int32 -> ``ModelOutput``. ``rng`` feeds router noise when not deterministic.
 
+  ``steer``: the ``steer`` config group's options as a dict (moejax/inference/steer.py), e.g.
+  ``{"deactivate": "1:3,1:5"}``; what they changed is in ``routing[layer]["steer_*"]``;
+  ``skip_rate`` calibrates on ``calibration`` (token arrays [B, L]); ``contrast_weight`` b
+  returns self-contrast logits (1 + b) x logits - b x the ``contrast_routing`` model's.
   Jitted (``model`` and ``deterministic`` static); fine to call inside jit/grad/vmap too.
   """
+  if steer:
+    model = steered(model, steer, params, calibration)
+    b = steer_lib.options(steer)["contrast_weight"]
+    if b > 0:
+      out = _forward_jit(model, params, tokens, rng, deterministic)
+      weak = _forward_jit(steer_lib.weak_model(model, steer), params, tokens, rng, deterministic)
+      return out.replace(logits=steer_lib.contrast_logits(out.logits, weak.logits, b))
   return _forward_jit(model, params, tokens, rng, deterministic)
+
+
+def steered(model: Transformer, steer: Mapping[str, Any], params=None, calibration=None
+            ) -> Transformer:
+  """``model`` with inference-time steering (the ``steer`` config group's options as a dict;
+  ``skip_rate`` calibrates on ``calibration`` token arrays with ``params``)."""
+  return steer_lib.steered(model, steer, params, calibration)
+
+
+def analyze(workdir_or_trainer, overrides: Mapping[str, Any] | None = None, *,
+            sources: str | None = None, out_dir: str | None = None, plots: bool = True):
+  """Routing traces, report and plots of a trained model (``--mode=analyze``): a workdir (with
+  ``overrides`` such as ``{"steer.deactivate": "1:3"}``) or a ``Trainer``. ``sources``:
+  comma-separated 'generated' and/or text files (default ``config.analyze.sources``).
+  -> ``Analysis`` (traces, summary, report text, files written)."""
+  from moejax.analysis.analyze import analyze as _analyze
+  from moejax.train.trainer import Trainer
+  trainer = workdir_or_trainer
+  if isinstance(trainer, str):
+    trainer = Trainer.from_workdir(trainer, dict(overrides or {}), mode="analyze")
+    trainer.close()
+  elif overrides:
+    raise config_lib.ConfigError("analyze: overrides apply to a workdir; pass the Trainer's "
+                                 "config changes when building it")
+  return _analyze(trainer, sources=sources, out_dir=out_dir, plots=plots)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

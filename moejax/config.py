@@ -178,6 +178,33 @@ def base_config() -> ml_collections.ConfigDict:
   s.top_p = 1.0                  # nucleus: the smallest set reaching this mass; 1 = all
   s.stop = ""                    # stop a sample once it ends with this text; "" = never
   s.seed = 0
+
+  # Inference-time steering (moejax/inference/steer.py), read by eval, sample, analyze and
+  # generation; L = model layer index ('*' = every MoE layer), E = routed expert index.
+  c.steer = st = ml_collections.ConfigDict()
+  st.deactivate = ""             # "L:E,L:E": never route to these experts
+  st.force = ""                  # "L:E": always route to these experts
+  st.reinforce = ""              # "L:E:factor": gates of these experts x factor
+  st.contrast_weight = 0.0       # b > 0: self-contrast decoding, (1+b) strong - b weak logits
+  st.contrast_routing = "rank2"  # the weak routing: topN | rankN (only the N-th best expert)
+  st.capacity_factor = 0.0       # > 0: expert capacity at inference, overflow as below
+  st.overflow = "drop"           # drop | reroute (to the token's next-best expert with room)
+  st.skip_rate = 0.0             # skip this share of routed slots (lowest gates; per-layer
+                                 # thresholds calibrated on calibration_batches batches)
+  st.calibration_batches = 2
+
+  # Routing analysis (--mode=analyze, moejax/analysis/analyze.py): traces, report, plots.
+  c.analyze = an = ml_collections.ConfigDict()
+  an.sources = "generated"       # comma-separated: 'generated' (the embedded corpus) or text
+                                 # files; each source's validation split is traced
+  an.tokens = 4096               # at most this many tokens per source
+  an.probs = False               # also save the router probabilities [M, N, E]
+  an.fit_fraction = 0.5          # first part of each trace fits predictors and placement,
+                                 # the rest scores them
+  an.devices = 0                 # placement over this many devices; 0 = 4, 2 or 1 (dividing E)
+  an.balance_slack = -1.0        # >= 0: each device's load <= (1 + slack) x mean; < 0: off
+  an.milp_time_limit = 20.0      # seconds for the placement MILP
+  an.cache_sizes = ""            # e.g. "1,2,4"; "" = 1 .. E-1 (at most 8 sizes)
   return c
 
 
@@ -355,4 +382,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(0 < smp.top_p <= 1, "sample.top_p", f"must be in (0, 1], got {smp.top_p}")
   _require(smp.num_tokens >= 0, "sample.num_tokens",
            f"must be >= 0 (0 = up to model.max_length), got {smp.num_tokens}")
+  an = config.analyze
+  _require(an.tokens > 0, "analyze.tokens", f"must be > 0, got {an.tokens}")
+  _require(0 < an.fit_fraction < 1, "analyze.fit_fraction",
+           f"must be in (0, 1), got {an.fit_fraction}")
+  _require(an.devices >= 0, "analyze.devices", f"must be >= 0 (0 = auto), got {an.devices}")
+  _require(an.milp_time_limit > 0, "analyze.milp_time_limit",
+           f"must be > 0 seconds, got {an.milp_time_limit}")
+  _require(config.steer.calibration_batches > 0, "steer.calibration_batches",
+           f"must be > 0, got {config.steer.calibration_batches}")
   return config

@@ -149,13 +149,28 @@ def generation_model(model):
 
 
 def generate(model, params, prompts, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop=None) -> GenerateResult:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop=None, steer=None,
+             calibration=None, weak_model=None, contrast_weight: float = 0.0) -> GenerateResult:
   """Continues each prompt (a list of token-id sequences, lengths may differ) by up to
   ``max_new_tokens`` tokens. Temperature 0 is greedy; ``top_k`` 0 and ``top_p`` 1 keep every
   token; ``seed`` makes sampling reproducible; ``stop`` (token ids, or a str/bytes for a
-  byte-level model) ends a row once its new tokens end with it."""
+  byte-level model) ends a row once its new tokens end with it.
+
+  ``steer``: the ``steer`` config group's options as a dict (moejax/inference/steer.py), e.g.
+  ``{"deactivate": "1:3", "contrast_weight": 0.5}``; ``skip_rate`` calibrates on
+  ``calibration`` (token arrays [B, L]). Self-contrast decoding samples from
+  (1 + b) x the model's logits - b x ``weak_model``'s (``contrast_weight`` b), each with its own
+  cache; ``steer`` with ``contrast_weight`` builds the weak model itself."""
+  if steer:
+    from moejax.inference import steer as steer_lib
+    model = steer_lib.steered(model, steer, params, calibration)
+    if steer_lib.options(steer)["contrast_weight"] > 0:
+      weak_model = steer_lib.weak_model(model, steer)
+      contrast_weight = float(steer_lib.options(steer)["contrast_weight"])
   ids, stop_ids = check_request(model, prompts, max_new_tokens, temperature, top_k, top_p, stop)
   model = generation_model(model)
+  models = (model,) if weak_model is None or not contrast_weight else (
+      model, generation_model(weak_model))
   n, longest = len(ids), max(len(p) for p in ids)
   batch = _bucket(n, 1)
   length = _bucket(longest + max_new_tokens, 16)
@@ -167,26 +182,28 @@ def generate(model, params, prompts, max_new_tokens: int, *, temperature: float 
   for i, p in enumerate(ids):
     tokens[i, :len(p)], lengths[i] = p, len(p)
   shapes = cache_lib.cache_shapes(model, batch, length)
-  cache = cache_lib.init_cache(model, batch, length)
+  cache = tuple(cache_lib.init_cache(m, batch, length) for m in models)
   greedy = float(temperature) == 0.0
   knobs = (jnp.int32(seed), jnp.float32(temperature or 1.0), jnp.int32(top_k),
            jnp.float32(top_p))
   before = _compiles()
   start = time.perf_counter()
-  first, cache = _prefill(model, params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                          *knobs, greedy=greedy)
+  contrast = float(contrast_weight) if len(models) > 1 else 0.0
+  first, cache = _prefill(models, params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                          *knobs, greedy=greedy, contrast=contrast)
   first.block_until_ready()
   prefill_s = time.perf_counter() - start
   start = time.perf_counter()
-  out, steps = _decode(model, params, cache, first, jnp.asarray(lengths),
+  out, steps = _decode(models, params, cache, first, jnp.asarray(lengths),
                        jnp.int32(max_new_tokens), *knobs, jnp.asarray(stop_ids),
-                       jnp.zeros((batch, length), jnp.int32), greedy=greedy)
+                       jnp.zeros((batch, length), jnp.int32), greedy=greedy, contrast=contrast)
   out = np.asarray(out)
   decode_s = time.perf_counter() - start
   steps = int(steps)
   new = [_until_stop(out[i, :min(steps, max_new_tokens)], stop_ids) for i in range(n)]
   return GenerateResult(
-      tokens=new, cache_bytes=cache_lib.cache_bytes(shapes),
+      tokens=new, cache_bytes={kind: n * len(models)
+                                for kind, n in cache_lib.cache_bytes(shapes).items()},
       cache_bytes_per_token=cache_lib.bytes_per_token(shapes, batch, length),
       prefill_seconds=prefill_s, decode_seconds=decode_s, prompt_tokens=int(sum(map(len, ids))),
       decode_steps=steps - 1, batch=batch, prompt_length=prompt_len, cache_length=length,
@@ -205,13 +222,26 @@ def _compiles() -> int:
   return _prefill._cache_size() + _decode._cache_size()
 
 
-@functools.partial(jax.jit, static_argnames=("model", "greedy"), donate_argnames=("cache",))
-def _prefill(model, params, cache, tokens, lengths, seed, temperature, top_k, top_p, *, greedy):
-  logits, mutated = model.apply({"params": params, "cache": cache}, tokens,
-                                prompt_length=lengths, cache_mode="prefill", mutable=["cache"])
+def _apply(models, params, caches, tokens, contrast: float, **kwargs):
+  """Every model on its own cache -> (logits, new caches); two models are self-contrast's
+  strong and weak: (1 + b) strong - b weak."""
+  outs = [m.apply({"params": params, "cache": c}, tokens, mutable=["cache"], **kwargs)
+          for m, c in zip(models, caches)]
+  logits = outs[0][0]
+  if len(outs) > 1:
+    logits = (1.0 + contrast) * logits - contrast * outs[1][0]
+  return logits, tuple(mutated["cache"] for _, mutated in outs)
+
+
+@functools.partial(jax.jit, static_argnames=("models", "greedy", "contrast"),
+                   donate_argnames=("cache",))
+def _prefill(models, params, cache, tokens, lengths, seed, temperature, top_k, top_p, *, greedy,
+             contrast):
+  logits, cache = _apply(models, params, cache, tokens, contrast, prompt_length=lengths,
+                         cache_mode="prefill")
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   keys = row_keys(seed, tokens.shape[0], 0)
-  return next_tokens(last, keys, temperature, top_k, top_p, greedy=greedy), mutated["cache"]
+  return next_tokens(last, keys, temperature, top_k, top_p, greedy=greedy), cache
 
 
 def _stopped(out: Array, i: Array, stop: Array) -> Array:
@@ -224,9 +254,9 @@ def _stopped(out: Array, i: Array, stop: Array) -> Array:
 
 
 # (the cache is consumed by the loop, not returned: nothing to donate it to)
-@functools.partial(jax.jit, static_argnames=("model", "greedy"))
-def _decode(model, params, cache, first, lengths, num_new, seed, temperature, top_k, top_p,
-            stop, out, *, greedy):
+@functools.partial(jax.jit, static_argnames=("models", "greedy", "contrast"))
+def _decode(models, params, cache, first, lengths, num_new, seed, temperature, top_k, top_p,
+            stop, out, *, greedy, contrast):
   """Decodes until every row stopped or ``num_new`` tokens exist -> (tokens [B, S], count)."""
   out = out.at[:, 0].set(first)
 
@@ -236,13 +266,12 @@ def _decode(model, params, cache, first, lengths, num_new, seed, temperature, to
 
   def body(carry):
     i, tok, cache, out, done = carry
-    logits, mutated = model.apply({"params": params, "cache": cache}, tok[:, None],
-                                  positions=(lengths + i - 1)[:, None], cache_mode="decode",
-                                  mutable=["cache"])
+    logits, cache = _apply(models, params, cache, tok[:, None], contrast,
+                           positions=(lengths + i - 1)[:, None], cache_mode="decode")
     nxt = next_tokens(logits[:, 0], row_keys(seed, tok.shape[0], i), temperature, top_k, top_p,
                       greedy=greedy)
     out = out.at[:, i].set(nxt)
-    return i + 1, nxt, mutated["cache"], out, done | _stopped(out, i, stop)
+    return i + 1, nxt, cache, out, done | _stopped(out, i, stop)
 
   init = (jnp.int32(1), first, cache, out, _stopped(out, jnp.int32(0), stop))
   steps, _, _, out, _ = jax.lax.while_loop(cond, body, init)

@@ -32,6 +32,7 @@ from moejax.layers.experts import SwiGLUExperts
 from moejax.layers.heterogeneous import LADDERS, HeterogeneousSwiGLUExperts, expert_size_ladder
 from moejax.layers.ternary import PackedTernarySwiGLUExperts, TernarySwiGLUExperts
 from moejax.layers.routers import ROUTERS, RoutingResult
+from moejax.layers.steering import LayerSteer, steer_routing
 from moejax.logs import log_once
 from moejax.ops.grouped_matmul import resolve_backend
 from moejax.parallel.expert_parallel import expert_axis_size, expert_parallel_ffn
@@ -418,8 +419,16 @@ def size_metrics(routing: RoutingResult, sizes, d_model: int) -> dict[str, Array
 
 
 class MoEBlock(nn.Module):
+  """``steer``: inference-time edits of this layer's routing (layers/steering.py), applied
+  between the router and dispatch; what they changed is sown as ``steer_*`` intermediates.
+
+  The routing the experts run (after steering) is also sown to the ``"traces"`` collection
+  (``expert_index`` [T, k] int32, -1 where no expert is computed; ``gate`` [T, k]) and the router's
+  probabilities to ``"router_probs"``; both cost nothing unless the caller makes them mutable
+  (moejax/analysis/traces.py)."""
   spec: MoESpec
   dtype: jnp.dtype = jnp.float32
+  steer: LayerSteer | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool = True, token_ids: Array | None = None,
@@ -447,6 +456,11 @@ class MoEBlock(nn.Module):
         routing = router(h, deterministic=deterministic, token_ids=token_ids)
       else:
         routing = router(h, deterministic=deterministic)
+      if self.steer is not None:
+        routing, changes = steer_routing(routing, self.steer)
+        for name, value in changes.items():
+          self.sow("intermediates", name, value)
+      self._trace(routing)
       gathers = self._gathers(experts, routing.dispatch_index.size, ep, deterministic)
       self._log_path(ep, gathers)
       y, num_dropped = self._routed(h.reshape(-1, x.shape[-1]), routing, experts, ep, gathers)
@@ -457,6 +471,12 @@ class MoEBlock(nn.Module):
       out = y if out is None else out + y
       h = h + y
     return (out, carry) if router_state is not None else out
+
+  def _trace(self, routing: RoutingResult) -> None:
+    index = routing.dispatch_index
+    self.sow("traces", "expert_index", index)
+    self.sow("traces", "gate", jnp.where(index >= 0, routing.weight, 0.0).astype(jnp.float32))
+    self.sow("router_probs", "probs", routing.probs)
 
   def _gathers(self, experts, slots: int, ep: int, deterministic: bool) -> bool:
     """Whether this call takes the small-batch path (``spec.decode_path``): inference only, one

@@ -48,6 +48,8 @@ class ModelConfig:
   # None unless attention="latent" (layers/mla.py): (q_lora_rank, kv_lora_rank,
   # qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
   mla: Optional[tuple] = None
+  # inference-time steering: ((layer index, layers/steering.py LayerSteer), ...); () = none
+  steer: tuple = ()
   latent_norm_eps: float = 0.0      # eps of MLA's q/kv latent norms; 0 = norm_eps
   mla_decode: str = "absorbed"      # how MLA reads its latent cache (layers/mla.py)
   # Longest sequence (prompt + generated tokens) generation accepts: the config's
@@ -70,7 +72,7 @@ class ModelConfig:
     moe = MoESpec.from_config(moe_cfg)
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers",
                                                           "moh", "mla", "latent_norm_eps",
-                                                          "mla_decode", "max_length"}
+                                                          "mla_decode", "max_length", "steer"}
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
@@ -121,8 +123,8 @@ class DecoderLayer(nn.Module):
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
       if c.moe.merge == "none":
-        y = MoEBlock(c.moe, dt, name="moe")(h, deterministic=deterministic, token_ids=tokens,
-                                            router_state=router_state)
+        block = MoEBlock(c.moe, dt, steer=dict(c.steer).get(self.layer), name="moe")
+        y = block(h, deterministic=deterministic, token_ids=tokens, router_state=router_state)
       else:
         y = SoftMergeBlock(c.moe, dt, name="moe")(h, prompt_length=prompt_length,
                                                   positions=positions, cache_mode=cache_mode)

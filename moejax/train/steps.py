@@ -9,6 +9,7 @@ expert-parallel path from the mesh it sees while tracing).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -23,6 +24,7 @@ from moejax.parallel import sharding as sharding_lib
 from moejax.parallel.rules import LOGICAL_AXIS_RULES
 from moejax.train import data as data_lib
 from moejax.train.optimizer import learning_rate_schedule
+from moejax.inference import steer as steer_lib
 
 # losses: sown auxiliary losses; intermediates: metrics; param_updates: deltas for parameters
 # that are not trained by gradients (a router's selection bias or threshold), added after the
@@ -30,8 +32,12 @@ from moejax.train.optimizer import learning_rate_schedule
 _MUTABLE = ["losses", "intermediates", "param_updates"]
 
 
-def build_model(config) -> Transformer:
-  return Transformer(ModelConfig.from_config(config.model, config.data.seq_len))
+def build_model(config, skip_thresholds=None) -> Transformer:
+  """The model of ``config.model``, with ``config.steer``'s routing edits (inference only;
+  ``skip_thresholds`` {layer: gate threshold} from moejax/inference/steer.calibrate_skip)."""
+  cfg = ModelConfig.from_config(config.model, config.data.seq_len)
+  steers = steer_lib.layer_steers(config.get("steer", {}), cfg, skip_thresholds)
+  return Transformer(dataclasses.replace(cfg, steer=steers) if steers else cfg)
 
 
 def _init_tokens(config):
@@ -162,10 +168,19 @@ def make_train_step(model, tx, config, shardings, mesh: Mesh):
   return _on_mesh(step, mesh)
 
 
-def make_eval_step(model, shardings, mesh: Mesh):
+def make_eval_step(model, shardings, mesh: Mesh, weak_model=None, contrast_weight: float = 0.0):
+  """-> jitted (params, batch) -> (cross-entropy, intermediates). With ``weak_model`` the loss
+  is that of self-contrast logits (1 + b) model - b weak_model (b = ``contrast_weight``)."""
   def eval_step(params, batch):
-    _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
-    return ce, inter
+    if weak_model is None or not contrast_weight:
+      _, (ce, _, inter) = loss_fn(model, params, batch, jax.random.key(0), True)
+      return ce, inter
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    strong, mutated = apply_model(model, params, inputs)
+    weak, _ = apply_model(weak_model, params, inputs)
+    logits = steer_lib.contrast_logits(strong, weak, contrast_weight)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return ce, mutated.get("intermediates", {})
   step = jax.jit(_in_mesh(eval_step, mesh),
                  in_shardings=(shardings["params"], sharding_lib.batch_sharding(mesh)))
   return _on_mesh(step, mesh)
@@ -200,8 +215,16 @@ def evaluate(eval_step, params, data: data_lib.TextData, max_batches: int, mesh:
   """Mean validation cross-entropy over the first ``max_batches`` batches of the held-out split;
   the result names its data (``val_data``) so a number is never read without its source."""
   n = min(data.num_val_batches, max_batches)
-  losses = [float(eval_step(params, val_batch(data, i, mesh))[0]) for i in range(n)]
+  losses, steered = [], []
+  for i in range(n):
+    ce, inter = eval_step(params, val_batch(data, i, mesh))
+    losses.append(float(ce))
+    steered.append(steer_lib.steer_counts(inter))
   loss = float(np.mean(losses))
-  return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2),
-          "val_data": f"{data.source}, validation split: {n} batches x {data.batch_size} x "
-                      f"{data.seq_len} tokens"}
+  out = {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2),
+         "val_data": f"{data.source}, validation split: {n} batches x {data.batch_size} x "
+                     f"{data.seq_len} tokens"}
+  summary = steer_lib.summarize(steered)
+  if summary:
+    out["steer"] = summary
+  return out

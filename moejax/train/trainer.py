@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ import numpy as np
 from moejax import config as config_lib
 from moejax import logs
 from moejax.errors import ConfigError
+from moejax.inference import steer as steer_lib
 from moejax.inference.generate import generate
 from moejax.logs import progress as say
 from moejax.parallel.mesh import batch_axes_size, make_mesh
@@ -139,6 +141,28 @@ class Trainer:
     self.history: list[dict] = []       # every record logged by this object
     if saved_step is not None:
       self.restore(saved_step)
+    self.weak_model = None        # self-contrast decoding's weak model (steer.contrast_weight)
+    self._steer()
+
+  def _steer(self) -> None:
+    """Applies ``config.steer`` (inference only): skip thresholds calibrated on the first
+    ``steer.calibration_batches`` training batches, the contrast model for eval and sampling."""
+    st = self.config.steer
+    if not steer_lib.is_active(st):
+      return
+    if st.skip_rate > 0:
+      batches = [self.data.batch(i)[:, :-1] for i in range(st.calibration_batches)]
+      thresholds = steer_lib.calibrate_skip(self.model, self.params, batches, st.skip_rate)
+      self.model = build_model(self.config, thresholds)
+    if st.contrast_weight > 0:
+      self.weak_model = steer_lib.weak_model(self.model, st)
+    self.eval_step = make_eval_step(self.model, self.shardings, self.mesh, self.weak_model,
+                                    st.contrast_weight)
+    lines = steer_lib.describe(self.model.cfg.steer)
+    if self.weak_model is not None:
+      lines += (f"\nself-contrast: (1 + {st.contrast_weight:g}) x logits - "
+                f"{st.contrast_weight:g} x logits routed {st.contrast_routing}")
+    say("steering:\n  " + lines.replace("\n", "\n  ").strip())
 
   def _upcycle_source(self, config):
     """The dense run named by ``upcycle.source``, checked against this model (no compute)."""
@@ -174,7 +198,7 @@ class Trainer:
     workdir_lib.require_trained(workdir, mode)
     saved = workdir_lib.load_config(workdir)
     config = config_lib.apply_overrides(saved, overrides or {})
-    action = {"eval": "evaluate", "sample": "sample from"}.get(mode, mode)
+    action = {"eval": "evaluate", "sample": "sample from", "analyze": "analyze"}.get(mode, mode)
     workdir_lib.check_compatible(saved, config, workdir, action)
     return cls(config, workdir)
 
@@ -227,6 +251,7 @@ class Trainer:
     """
     if progress not in ("log", "bar", None):
       raise ValueError(f"progress must be 'log', 'bar' or None, got {progress!r}")
+    refuse_steer(self.config)
     if self.model.cfg.moe is not None and self.model.cfg.moe.expert_bank == "ternary_packed":
       raise ConfigError("model.moe.expert_bank='ternary_packed' is the inference form of ternary "
                         "experts (2-bit codes have no gradient): train with 'ternary_swiglu' "
@@ -392,7 +417,8 @@ class Trainer:
     return generate(self.model, self.params, ids, num_tokens,
                     temperature=pick(temperature, s.temperature),
                     top_k=pick(top_k, s.top_k), top_p=pick(top_p, s.top_p),
-                    seed=pick(seed, s.seed), stop=stop or None)
+                    seed=pick(seed, s.seed), stop=stop or None, weak_model=self.weak_model,
+                    contrast_weight=self.config.steer.contrast_weight)
 
   def close(self) -> None:
     if self.ckpt is not None:
@@ -418,8 +444,15 @@ def _eval_line(prefix: str, step: int, ev: dict) -> str:
           f"{ev['val_bpb']:.3f} bits/byte\n  data: {ev['val_data']}")
 
 
+def refuse_steer(config) -> None:
+  if steer_lib.is_active(config.steer):
+    raise ConfigError("config.steer: steering edits a trained model's routing at inference "
+                      "(--mode=eval|sample|analyze); leave steer.* at their defaults to train")
+
+
 def train(config, workdir: str) -> dict:
   """``--mode=train``: trains (resuming from the latest checkpoint), evaluates, plots, samples."""
+  refuse_steer(config)
   trainer = Trainer(config, workdir)
   logs.log_to_file(workdir, jax.process_index())
   start = trainer.step
@@ -487,6 +520,8 @@ def eval_only(workdir: str, overrides: dict | None = None) -> dict:
   trainer = _restored(workdir, overrides, "eval")
   ev = trainer.evaluate()
   say(_eval_line("eval", trainer.step, ev))
+  if "steer" in ev:
+    say(steer_line(ev["steer"]))
   say(json.dumps(ev))
   return ev
 
@@ -498,6 +533,31 @@ def sample_only(workdir: str, overrides: dict | None = None) -> str:
   say(text)
   say(generation_line(result))
   return text
+
+
+def analyze_only(workdir: str, overrides: dict | None = None):
+  """``--mode=analyze``: routing traces of the workdir's model over ``analyze.sources``, with
+  report.md, summary.json and plots in WORKDIR/analysis (moejax/analysis/analyze.py)."""
+  from moejax.analysis.analyze import analyze
+  trainer = _restored(workdir, overrides, "analyze")
+  try:
+    import matplotlib  # noqa: F401
+    plots = jax.process_index() == 0
+  except ImportError:
+    say("plots: skipped (matplotlib is not installed)")
+    plots = False
+  result = analyze(trainer, plots=plots)
+  say(result.report.strip())
+  say(f"wrote {len(result.files)} files to {os.path.join(workdir, 'analysis')}")
+  return result
+
+
+def steer_line(summary: dict) -> str:
+  """What steering changed over the evaluation, in one line."""
+  return (f"steering changed the experts of {summary['changed_tokens']:.0f} token-layers; "
+          f"dropped {summary['dropped_fraction']:.2%}, re-routed "
+          f"{summary['rerouted_fraction']:.2%}, skipped {summary['skipped_fraction']:.2%} of "
+          f"routed slots (routed-expert FLOPs saved {summary['expert_flops_saved']:.2%})")
 
 
 def generation_line(result) -> str:
