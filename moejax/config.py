@@ -201,7 +201,8 @@ def base_config() -> ml_collections.ConfigDict:
   an.probs = False               # also save the router probabilities [M, N, E]
   an.fit_fraction = 0.5          # first part of each trace fits predictors and placement,
                                  # the rest scores them
-  an.devices = 0                 # placement over this many devices; 0 = 4, 2 or 1 (dividing E)
+  an.devices = 0                 # placement over this many devices; 0 = the first of
+                                 # 4, 3, 2, 8, 5, 6, 7 that divides the routed experts
   an.balance_slack = -1.0        # >= 0: each device's load <= (1 + slack) x mean; < 0: off
   an.milp_time_limit = 20.0      # seconds for the placement MILP
   an.cache_sizes = ""            # e.g. "1,2,4"; "" = 1 .. E-1 (at most 8 sizes)

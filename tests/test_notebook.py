@@ -22,5 +22,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
   assert "same greedy sample: True" in outputs
+  assert "**Expert placement**" in outputs and "off: cross-entropy" in outputs
   assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "30")

@@ -106,8 +106,19 @@ GEN_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample --config.sample
               "--config.sample.num_tokens=100")
 
 
+ANALYZE = ("python run.py --workdir=runs/gshard --mode=analyze "
+           "--config.analyze.sources=generated,../shared/data/tinyshakespeare.txt,"
+           "../shared/data/wikitext2_valid.txt")
+STEER_EVALS = ["python run.py --workdir=runs/gshard --mode=eval --config.steer.deactivate=1:3",
+               "python run.py --workdir=runs/gshard --mode=eval "
+               "--config.steer.capacity_factor=1.0 --config.steer.overflow=reroute",
+               "python run.py --workdir=runs/gshard --mode=eval --config.steer.skip_rate=0.3"]
+STEER_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample "
+                "--config.steer.contrast_weight=0.5 --config.sample.temperature=0")
+
+
 @pytest.mark.slow
-@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE, GEN_SAMPLE)
+@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE, GEN_SAMPLE, ANALYZE, *STEER_EVALS, STEER_SAMPLE)
 def test_running_experiments_commands(tmp_path):
   runs_dir = os.path.join(ROOT, "runs", "gshard")
   shutil.rmtree(runs_dir, ignore_errors=True)
@@ -121,6 +132,18 @@ def test_running_experiments_commands(tmp_path):
     # the small run's model is 32 positions long: fewer new tokens than the README's 100
     out = _run(f"{GEN_SAMPLE} --config.sample.num_tokens=16", ROOT)
     assert "ROMEO:" in out and "16 new tokens: prefill" in out
+    shared = os.path.isfile(SHARED_TINYSHAKESPEARE)
+    out = _run(f"{ANALYZE} --config.analyze.tokens=512" + (
+        "" if shared else " --config.analyze.sources=generated"), ROOT)
+    assert "**Expert placement** on 4 devices" in out
+    names = ["generated", "tinyshakespeare", "wikitext2_valid"] if shared else ["generated"]
+    for name in names:
+      assert os.path.isfile(os.path.join(runs_dir, "analysis", f"traces_{name}.npz"))
+    for command, what in zip(STEER_EVALS, ("changed the experts of", "re-routed", "skipped")):
+      out = _run(command, ROOT)
+      assert "eval | step 12" in out and "steering changed the experts of" in out and what in out
+    out = _run(f"{STEER_SAMPLE} --config.sample.num_tokens=8", ROOT)
+    assert "self-contrast: (1 + 0.5) x logits - 0.5 x logits routed rank2" in out
   finally:
     shutil.rmtree(runs_dir, ignore_errors=True)
 
@@ -220,6 +243,23 @@ def test_make_run(tmp_path):
   args = " ".join(SMALL + ["--config.train.steps=20", "--config.train.checkpoint_every=20"])
   out = _run(["make", "run", f"WORKDIR={wd}", f"ARGS={args}"], ROOT)
   assert "final | step 20" in out and "sample (temperature" in out
+
+
+STEER_EXPERIMENT = ("python experiments/steer.py --data_path=../shared/data/tinyshakespeare.txt "
+                    "--other_path=../shared/data/wikitext2_valid.txt")
+
+
+@pytest.mark.slow
+@runs(STEER_EXPERIMENT)
+def test_steer_experiment_command(tmp_path):
+  other = "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--other_path=generated"
+  out, results = _run_experiment(STEER_EXPERIMENT, f"--quick --steps=12 --seeds=0,1 "
+                                 f"--tokens=512 --skip_rates=0.3 --capacity_factors=1.0 {other}",
+                                 tmp_path)
+  for table in ("**Deactivating experts**", "**Dynamic skipping**",
+                "**Capacity-aware inference**", "**Placement**", "**Offloading cache**"):
+    assert table in results
+  assert os.path.isfile(tmp_path / "out" / "steer.png")
 
 
 COMPARE = ("python experiments/compare_routing.py --sizes=tiny,small "

@@ -61,7 +61,7 @@ def _devices(requested: int, num_experts: int) -> int:
   if requested:
     placement.check(num_experts, requested)
     return requested
-  return next(d for d in (4, 2, 1) if num_experts % d == 0)
+  return next((d for d in (4, 3, 2, 8, 5, 6, 7) if num_experts % d == 0), 1)
 
 
 def _cache_sizes(text: str, num_experts: int) -> list[int]:
@@ -171,8 +171,10 @@ def report_lines(summary: dict, steering: str = "") -> list[str]:
                "predicted): affinity " + ", ".join(map(_pct, p["affinity"])) + " vs most-used "
                + ", ".join(map(_pct, p["frequency"])) + ". ![prediction](prediction.png)")
   pl = s["placement"]
-  parts = [f"{m} {_pct(v['traffic_heldout'])}" + (" (optimal)" if v["optimal"] else "")
-           for m, v in pl["plans"].items()]
+  parts = [f"{m} {_pct(v['traffic_heldout'])}" + (
+      " (optimal on the fitted traces)" if v["optimal"] else
+      " (best found within analyze.milp_time_limit, not proven optimal)" if m == "milp" else "")
+      for m, v in pl["plans"].items()]
   lines.append(f"- **Expert placement** on {pl['devices']} devices: held-out token moves "
                "between consecutive layers that cross devices: " + ", ".join(parts) +
                ". ![placement](placement.png)")

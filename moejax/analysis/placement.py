@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from moejax.errors import ConfigError
+
 
 @dataclasses.dataclass
 class Placement:
@@ -36,7 +38,7 @@ class Placement:
 
 def check(num_experts: int, num_devices: int) -> None:
   if num_devices < 1 or num_experts % num_devices:
-    raise ValueError(f"analyze.devices: must divide the routed experts ({num_experts}), got "
+    raise ConfigError(f"analyze.devices: must divide the routed experts ({num_experts}), got "
                      f"{num_devices}")
 
 

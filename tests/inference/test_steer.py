@@ -148,7 +148,7 @@ def test_analyze_writes_traces_report_and_plots(trained, tmp_path):
   report = open(os.path.join(out, "report.md")).read()
   for item in ("**Load**", "**Specialisation**", "**Inter-layer affinity**",
                "**Cross-layer gate prediction**", "**Expert placement** on 2 devices",
-               "**Offloading cache**"):
+               "**Offloading cache**", "optimal on the fitted traces"):
     assert item in report
   plans = result.summary["placement"]["plans"]
   assert plans["milp"]["traffic_fit"] <= plans["round_robin"]["traffic_fit"] + 1e-12
