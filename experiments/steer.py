@@ -102,6 +102,7 @@ def collect_steering(trainer) -> dict:
   summary = analyze_lib.analyze_traces({"a": tr_a, "b": tr_b}, config)
   for method, plan in summary["placement"]["plans"].items():
     out[f"traffic_{method.split(' ')[0]}"] = plan["traffic_heldout"]
+  out["milp_optimal"] = int(summary["placement"]["plans"]["milp"]["optimal"])
   cache = summary["cache"]
   out["cache_sizes"] = cache["sizes"]
   for policy, v in cache["policies"].items():
@@ -140,23 +141,29 @@ def _text(result, seeds) -> str:
   cmp = stats.compare("change on A", "change on B", col("deact_specific_dA"),
                       col("deact_specific_dB"), metric="loss change", higher_is_better=True)
   lines += ["", f"A-specific experts off, change on A minus change on B: {_cmp(cmp)}", "",
-            "**Dynamic skipping** (loss on A vs routed-expert FLOPs saved):", "",
-            "| target rate | FLOPs saved | loss A |", "|---|---|---|",
-            f"| 0 | 0 | {_mean_std(col('loss_a'))} |"]
+            f"Validation loss on A without steering: {_mean_std(col('loss_a'))}; below, the "
+            "change from it (paired by seed).", "",
+            "**Dynamic skipping** (loss change on A vs routed-expert FLOPs saved):", "",
+            "| target rate | FLOPs saved | loss A change |", "|---|---|---|"]
+  delta = lambda key: np.asarray(col(key)) - np.asarray(col("loss_a"))
   for rate in _SKIP.value:
     lines.append(f"| {rate} | {_mean_std(col(f'skip_{rate}_saved'))} | "
-                 f"{_mean_std(col(f'skip_{rate}_loss'))} |")
-  lines += ["", "**Capacity-aware inference** (loss on A):", "",
-            "| capacity factor | drop | reroute |", "|---|---|---|"]
+                 f"{_mean_std(delta(f'skip_{rate}_loss'))} |")
+  lines += ["", "**Capacity-aware inference** (loss change on A):", "",
+            "| capacity factor | drop | reroute | reroute minus drop |", "|---|---|---|---|"]
   for factor in _CAPACITY.value:
-    lines.append(f"| {factor} | {_mean_std(col(f'cap_drop_{factor}_loss'))} | "
-                 f"{_mean_std(col(f'cap_reroute_{factor}_loss'))} |")
+    drop, reroute = col(f"cap_drop_{factor}_loss"), col(f"cap_reroute_{factor}_loss")
+    lines.append(f"| {factor} | {_mean_std(delta(f'cap_drop_{factor}_loss'))} | "
+                 f"{_mean_std(delta(f'cap_reroute_{factor}_loss'))} | "
+                 f"{_cmp(stats.compare('reroute', 'drop', reroute, drop))} |")
   devices = runs[0]["placement_devices"]
   lines += ["", f"**Placement** on {devices} devices (held-out share of token moves between "
             "consecutive layers that cross devices):", "",
-            "| round-robin | greedy | MILP |", "|---|---|---|",
+            "| round-robin | greedy | greedy + exact per-layer refinement | MILP |",
+            "|---|---|---|---|",
             f"| {_mean_std(col('traffic_round_robin'))} | {_mean_std(col('traffic_greedy'))} | "
-            f"{_mean_std(col('traffic_milp'))} |"]
+            f"{_mean_std(col('traffic_greedy+refine'))} | {_mean_std(col('traffic_milp'))} |",
+            "", f"MILP proven optimal in {sum(col('milp_optimal'))} of {len(runs)} seeds."]
   cmp = stats.compare("MILP", "round-robin", col("traffic_milp"), col("traffic_round_robin"),
                       metric="traffic")
   lines += ["", f"MILP minus round-robin: {_cmp(cmp)}", "",
@@ -177,20 +184,22 @@ def _plot(result, seeds, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   runs = [result.get("deepseekmoe", s).metrics for s in seeds]
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))   # error bars: 1 std over seeds
   saved = np.array([[0.0] + [r[f"skip_{x}_saved"] for x in _SKIP.value] for r in runs])
-  loss = np.array([[r["loss_a"]] + [r[f"skip_{x}_loss"] for x in _SKIP.value] for r in runs])
+  loss = np.array([[0.0] + [r[f"skip_{x}_loss"] - r["loss_a"] for x in _SKIP.value]
+                   for r in runs])
   axes[0].errorbar(saved.mean(0), loss.mean(0), yerr=loss.std(0, ddof=1) if len(runs) > 1 else
                    None, marker="o")
-  axes[0].set(xlabel="routed-expert FLOPs saved", ylabel="validation loss (A)",
+  axes[0].set(xlabel="routed-expert FLOPs saved", ylabel="validation loss change (A)",
               title="dynamic skipping")
   factors = [float(f) for f in _CAPACITY.value]
   for overflow in ("drop", "reroute"):
-    v = np.array([[r[f"cap_{overflow}_{f}_loss"] for f in _CAPACITY.value] for r in runs])
+    v = np.array([[r[f"cap_{overflow}_{f}_loss"] - r["loss_a"] for f in _CAPACITY.value]
+                  for r in runs])
     axes[1].errorbar(factors, v.mean(0), yerr=v.std(0, ddof=1) if len(runs) > 1 else None,
                      marker="o", label=overflow)
-  axes[1].axhline(np.mean([r["loss_a"] for r in runs]), color="grey", ls=":", label="no capacity")
-  axes[1].set(xlabel="inference capacity factor", ylabel="validation loss (A)",
+  axes[1].axhline(0.0, color="grey", ls=":", label="no capacity")
+  axes[1].set(xlabel="inference capacity factor", ylabel="validation loss change (A)",
               title="capacity-aware inference")
   axes[1].legend(fontsize=8)
   sizes = runs[0]["cache_sizes"]

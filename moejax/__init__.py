@@ -22,7 +22,7 @@ The public API (anything not listed here may change between versions):
 
 See the README's "Use from Python" and experiments/notebooks/quickstart.ipynb.
 """
-from moejax import ops
+from moejax import ops, parallel  # noqa: F401  (parallel: registers expert parallelism)
 from moejax.api import (LossOutput, ModelOutput, analyze, build_model, forward, get_config,
                         init_params, list_configs, loss, steered)
 from moejax.config import ConfigError, base_config, validate

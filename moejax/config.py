@@ -14,7 +14,7 @@ import ml_collections
 
 from moejax.errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 from moejax.layers.attention import QK_NORMS
-from moejax.layers.moe import check_moe_fields
+from moejax.layers.moe_rules import check_moe_fields
 from moejax.ops.grouped_matmul import backends as gmm_backends
 
 

@@ -113,8 +113,12 @@ def analyze_traces(traces: dict[str, Traces], config) -> dict:
   out["prediction"] = {k: v.tolist() for k, v in pred.items()}
   d = _devices(an.devices, e)
   load = routing.expert_load(fit, e)
-  plans = [placement.round_robin(len(layers), e, d), placement.greedy(trans_fit, e, d),
-           placement.milp(trans_fit, e, d, load, an.balance_slack, an.milp_time_limit)]
+  greedy = placement.greedy(trans_fit, e, d)
+  refined = placement.refine(greedy, trans_fit, d)
+  balanced = an.balance_slack >= 0       # the heuristics ignore load: no incumbent then
+  plans = [placement.round_robin(len(layers), e, d), greedy, refined,
+           placement.milp(trans_fit, e, d, load, an.balance_slack, an.milp_time_limit,
+                          incumbent=None if balanced else refined)]
   out["placement"] = {"devices": d, "plans": {p.method: {
       "traffic_heldout": placement.traffic(p.devices, trans_test),
       "traffic_fit": placement.traffic(p.devices, trans_fit),
@@ -173,7 +177,8 @@ def report_lines(summary: dict, steering: str = "") -> list[str]:
   pl = s["placement"]
   parts = [f"{m} {_pct(v['traffic_heldout'])}" + (
       " (optimal on the fitted traces)" if v["optimal"] else
-      " (best found within analyze.milp_time_limit, not proven optimal)" if m == "milp" else "")
+      " (no better placement found within analyze.milp_time_limit, not proven optimal)"
+      if m == "milp" else "")
       for m, v in pl["plans"].items()]
   lines.append(f"- **Expert placement** on {pl['devices']} devices: held-out token moves "
                "between consecutive layers that cross devices: " + ", ".join(parts) +

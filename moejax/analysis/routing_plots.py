@@ -83,8 +83,9 @@ def plot_placement(summary: dict):
   plans = summary["placement"]["plans"]
   fig, ax = plt.subplots(figsize=(4, 2.6))
   names = list(plans)
-  ax.bar(names, [plans[n]["traffic_heldout"] for n in names], color=["grey", "tab:orange",
-                                                                     "tab:blue"][:len(names)])
+  ax.bar(range(len(names)), [plans[n]["traffic_heldout"] for n in names],
+         color=["grey", "tab:orange", "tab:green", "tab:blue"][:len(names)])
+  ax.set_xticks(range(len(names)), [n.replace("+", "+\n") for n in names], fontsize=8)
   ax.set_ylabel("cross-device share of moves")
   ax.set_title(f"placement on {summary['placement']['devices']} devices (held-out)", fontsize=9)
   fig.tight_layout()

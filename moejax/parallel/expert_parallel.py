@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax.layers import expert_execution
 from moejax.layers.dispatch import combine, dispatch, expert_capacity, plan_dropless
 from moejax.parallel.ragged_all_to_all import RaggedExchange, ragged_all_to_all
 
@@ -219,3 +220,26 @@ def expert_parallel_ffn(x: Array, idx: Array, weight: Array, expert_params, expe
   batch = P(BATCH_AXES, None)
   return jax.shard_map(body, in_specs=(batch, batch, batch, expert_specs),
                        out_specs=(batch, P()), check_vma=False)(x, idx, weight, expert_params)
+
+
+class ExpertParallelExecution:
+  """The MoE block's execution over the ``expert`` mesh axis (layers/expert_execution.py): the
+  bank's weights arrive split by its ``weight_specs``, rows move by ``spec.all_to_all``."""
+  name = "expert_parallel"
+
+  def ways(self, spec) -> int:
+    return expert_axis_size()
+
+  def run(self, tokens, routing, bank, spec):
+    return expert_parallel_ffn(
+        tokens, routing.dispatch_index, routing.weight, bank.weights(), bank.weight_specs(),
+        bank.run, num_experts=spec.num_routed,
+        capacity_factor=spec.capacity_factor if spec.dispatch == "capacity" else None,
+        all_to_all=spec.all_to_all, buffer_factor=spec.ragged_buffer_factor)
+
+  def describe(self, spec, ways: int) -> str:
+    return (f"expert-parallel: shard_map over mesh axis 'expert' ({ways} devices, "
+            f"{spec.num_routed // ways} experts each), all_to_all={spec.all_to_all}")
+
+
+expert_execution.register(ExpertParallelExecution())

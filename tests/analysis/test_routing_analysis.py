@@ -96,6 +96,30 @@ def test_milp_is_feasible_optimal_and_beats_round_robin():
   assert placement.traffic(best.devices, trans) <= placement.traffic(greedy.devices, trans)
 
 
+def test_refinement_never_increases_traffic_and_milp_proves_an_optimal_incumbent():
+  rng = np.random.default_rng(4)
+  traces = np.stack([rng.integers(0, 8, (300, 2)) for _ in range(3)])   # 8 experts, 3 layers
+  trans = routing.transition_counts(traces, 8)
+  rr = placement.round_robin(3, 8, 2)
+  refined = placement.refine(rr, trans, 2)
+  assert placement.traffic(refined.devices, trans) <= placement.traffic(rr.devices, trans)
+  for row in refined.devices:
+    np.testing.assert_array_equal(np.bincount(row, minlength=2), [4, 4])
+  # each layer of the refined placement is the best one given its neighbours (enumerated)
+  rows = [np.array(r) for r in itertools.product(range(2), repeat=8) if sum(r) == 4]
+  for m in range(3):
+    def with_row(r):
+      d = refined.devices.copy()
+      d[m] = r
+      return placement.cross_moves(d, trans)
+    assert placement.cross_moves(refined.devices, trans) == min(map(with_row, rows))
+  # an incumbent that is already optimal: the MILP proves nothing better exists
+  small = routing.transition_counts(_structured(np.random.default_rng(5)), 4)
+  best = placement.milp(small, 4, 2, time_limit=10)
+  proof = placement.milp(small, 4, 2, time_limit=10, incumbent=best)
+  assert proof.optimal and placement.cross_moves(proof.devices, small) == best.objective
+
+
 def test_milp_load_constraint_is_respected():
   rng = np.random.default_rng(3)
   traces = _structured(rng)
