@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.expert_size_ladder = "none"
   e.expert_total_hidden = 0
   e.ladder_repeats = 1           # repeat a ladder per expert-parallel device (mesh.expert)
-  e.parameter_penalty_weight = 0.0   # HMoE parameter penalty (paper: 0.1, replacing balance)
+  e.parameter_penalty_weight = 0.0   # HMoE parameter penalty (paper: 0.1, replacing balance);
+                                     # its f_i is count_i / (T k): a per-token frequency / k
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 

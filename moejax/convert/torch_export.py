@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import numpy as np
 
 from moejax.convert import torch_model
@@ -44,20 +43,22 @@ def _plan(saved, cfg):
   """[(specs, read)] per parameter: specs [(name, shape, dtype)] of the tensors it exports and
   ``read()`` -> those arrays, reading the parameter once. Ternary banks export 2-bit codes +
   one scale per expert matrix (quantised from the latent weights)."""
-  from moejax.layers.ternary import WI_AXES, WO_AXES, pack_ternary, ternary_values
+  from moejax.layers.ternary import pack_wi, pack_wo
+  from pallas_kernels.ternary import plane_rows
   ternary = cfg.moe is not None and cfg.moe.expert_bank == "ternary_swiglu"
   out = []
   for path in saved.paths():
     name, shape = "/".join(path), saved.shape(path)
     if ternary and path[-3:-1] == ("moe", "experts"):
-      axes = WI_AXES if path[-1] == "wi" else WO_AXES
+      # the kernels' K-planar 2-bit layout (layers/ternary.py pack_wi/pack_wo), as packed
+      # workdirs store it: codes [E, P(K), N] and one scale per output column [E, N]
+      pack = pack_wi if path[-1] == "wi" else pack_wo
+      e, k, n = shape[0], shape[1], int(np.prod(shape[2:]))
 
-      def read(path=path, axes=axes):
-        codes, scale = ternary_values(saved.leaf(path), axes)
-        return [pack_ternary(np.asarray(codes)), np.asarray(scale, np.float32)]
-      out.append(([(name + "/packed", shape[:-1] + (-(-shape[-1] // 4),), np.uint8),
-                   (name + "/scale", tuple(1 if i in axes else d for i, d in enumerate(shape)),
-                    np.float32)], read))
+      def read(path=path, pack=pack):
+        return list(pack(np.asarray(saved.leaf(path), np.float32)))
+      out.append(([(name + "/packed", (e, plane_rows(k), n), np.uint8),
+                   (name + "/scale", (e, n), np.float32)], read))
     else:
       out.append(([(name, shape, np.float32)], lambda path=path: [saved.leaf(path)]))
   return out

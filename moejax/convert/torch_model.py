@@ -61,10 +61,12 @@ def quantize_activations(x, bits=8):
   return torch.clamp(torch.round(x * s), -top - 1, top) / s
 
 
-def unpack_ternary(packed, n):
-  shifts = torch.arange(4, dtype=torch.uint8) * 2
-  codes = (packed[..., None] >> shifts) & 3
-  return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int8) - 1
+def unpack_planes(packed, k):
+  """uint8 [E, P, N] in the K-planar 2-bit layout (moejax's ternary kernels and packed
+  workdirs) -> codes [E, k, N] in {-1, 0, 1}: plane q holds rows q*P .. q*P + P - 1 in bits
+  2q..2q+1 as code + 1."""
+  planes = [((packed.to(torch.int32) >> (2 * q)) & 3) - 1 for q in range(4)]
+  return torch.cat(planes, dim=1)[:, :k].to(torch.int8)
 
 
 class MoejaxForCausalLM(torch.nn.Module):
@@ -206,11 +208,11 @@ class MoejaxForCausalLM(torch.nn.Module):
       return [torch.cat(a, -1) for a in wi], [torch.cat(b, 0) for b in wo], False
     if f"{L}/moe/experts/wi" in self.w:
       return self.p(L, "moe", "experts", "wi"), self.p(L, "moe", "experts", "wo"), False
-    packed = []
-    for n, size in (("wi", self.c["moe"]["fine_hidden"]), ("wo", self.c["d_model"])):
-      codes = unpack_ternary(self.p(L, "moe", "experts", n, "packed"), size)
-      packed.append(codes.float() * self.p(L, "moe", "experts", n, "scale"))
-    return packed[0], packed[1], True
+    d, h = self.c["d_model"], self.c["moe"]["fine_hidden"]
+    wi, wo = [unpack_planes(self.p(L, "moe", "experts", n, "packed"), k).float()
+              * self.p(L, "moe", "experts", n, "scale")[:, None, :]
+              for n, k in (("wi", d), ("wo", h))]
+    return wi.reshape(wi.shape[0], d, 2, h), wo, True
 
   def experts(self, L, x, index, weight):
     wi, wo, ternary = self.expert_weights(L)

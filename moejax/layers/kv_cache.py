@@ -48,5 +48,23 @@ def write_cache(module: nn.Module, values: dict[str, Array], positions: Array,
 
 
 def causal_mask(positions: Array, key_positions: Array) -> Array:
-  """[B, Lq] query and [B, Lk] key positions -> [B, Lq, Lk]: key position <= query position."""
+  """[B, Lq] query and [B, Lk] key positions -> [B, Lq, Lk] bool: which keys a query sees.
+
+  Keys read from the cache (decode): key position <= query position (a key's cache index is its
+  position). Keys that are the queries themselves (``key_positions is positions``: no cache, or
+  prefill): ``self_mask``, which also separates packed documents."""
+  if key_positions is positions:
+    return self_mask(positions)
   return positions[:, :, None] >= key_positions[:, None, :]
+
+
+def self_mask(positions: Array) -> Array:
+  """[B, L] positions of a sequence attending to itself -> [B, L, L]: key index <= query index
+  and both in the same document. A document starts wherever the position does not increase
+  (packed documents restarting at 0: [0 1 2 3 0 1] is two), so no token sees a later one or
+  another document's, whatever positions are passed."""
+  restart = jnp.concatenate([jnp.zeros_like(positions[:, :1], bool),
+                             positions[:, 1:] <= positions[:, :-1]], axis=1)
+  doc = jnp.cumsum(restart, axis=1)
+  index = jnp.arange(positions.shape[1])
+  return (index[None, :, None] >= index[None, None, :]) & (doc[:, :, None] == doc[:, None, :])

@@ -20,6 +20,10 @@ generated tokens never change the merge; "segments" (default) decodes exactly as
 decoding cache (layers/kv_cache.py) keeps each row's current merge and the running sum of its
 current segment, and a row that reaches a segment boundary re-routes on that segment's mean.
 
+SMEAR's router as published also normalises its input with LayerNorm and drops experts at
+random during training (expert dropout); neither is implemented: the router here is a linear
+map of the plain mean, without dropout.
+
 The merge is one contraction per layer (einsum over experts of [.., E] x [E, D, 2, H]), costing
 E x the expert's parameters per example or segment; it runs wherever the expert weights live
 (sharded over 'expert', XLA reduces across it). Shared experts add as in the routed block.

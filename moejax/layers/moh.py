@@ -43,6 +43,7 @@ from flax import linen as nn
 
 from moejax.layers.attention import Attention
 from moejax.layers.dense import kernel_init
+from moejax.layers.kv_cache import self_mask
 from moejax.ops.grouped_matmul import gmm
 
 Array = jax.Array
@@ -115,8 +116,7 @@ def selected_heads_output(q: Array, k: Array, v: Array, wo: Array, positions: Ar
   per_group = lambda t: jnp.transpose(t[:, :, kv_of], (2, 0, 1, 3)).reshape(e * b, l, dh)
   scores = gmm(rows, per_group(k), sizes, backend=backend, transpose_rhs=True,
                preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(jnp.float32)
-  flat_pos = positions.reshape(-1)
-  causal = positions[token // l] <= flat_pos[token][:, None]   # [N, L]: key pos <= query pos
+  causal = self_mask(positions).reshape(b * l, l)[token]        # [N, L]: keys each row sees
   probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
   out = gmm(probs.astype(q.dtype), per_group(v), sizes, backend=backend)          # [N, dh]
   out = out * gates.reshape(-1)[order][:, None].astype(out.dtype)

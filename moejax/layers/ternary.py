@@ -13,8 +13,8 @@ up-cycling, sharding and expert parallelism are unchanged); only ``run`` quantis
 Inference form: ``pack_bank`` stores each value as a 2-bit code (value + 1 in {0, 1, 2}), four
 per byte in the grouped-matmul kernels' K-planar layout, with one float scale per expert matrix:
 16x less weight memory than float32, 8x less than bfloat16; ``PackedTernarySwiGLUExperts`` runs
-from it with kernels that decode the codes tile by tile. (``pack_ternary`` packs along the last
-axis instead: the layout of the PyTorch export, convert/torch_model.py.)
+from it with kernels that decode the codes tile by tile. The PyTorch export stores the same
+layout (convert/torch_model.py decodes it).
 """
 from __future__ import annotations
 
@@ -65,24 +65,21 @@ def quantize_activations(x: Array, bits: int = 8) -> Array:
 
 
 # ------------------------------------------------------------------ 2-bit storage
-def pack_ternary(codes) -> np.ndarray:
-  """int codes in {-1, 0, 1} [..., n] -> uint8 [..., ceil(n / 4)], value j of a byte in bits
-  2j..2j+1 (code + 1; padding codes are 1, i.e. value 0)."""
-  codes = np.asarray(codes)
-  if codes.size and (codes.min() < -1 or codes.max() > 1):
-    raise ValueError("pack_ternary: values must be in {-1, 0, 1}")
-  n = codes.shape[-1]
-  pad = (-n) % 4
-  c = (np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)], constant_values=0) + 1)
-  c = c.astype(np.uint8).reshape(*codes.shape[:-1], -1, 4)
-  return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+def pack_wi(wi) -> tuple[np.ndarray, np.ndarray]:
+  """Latent wi [E, D, 2, H] -> (codes [E, P(D), 2H] uint8 in the kernels' K-planar layout,
+  scale [E, 2H]: the matrix's scale broadcast to its output columns)."""
+  e, d, _, h = wi.shape
+  codes, scale = ternary_values(jnp.asarray(wi, jnp.float32), WI_AXES)
+  return (pack_planes(np.asarray(codes).reshape(e, d, 2 * h)),
+          np.broadcast_to(np.asarray(scale), (e, 1, 2, h)).reshape(e, 2 * h).copy())
 
 
-def unpack_ternary(packed: Array, n: int) -> Array:
-  """uint8 [..., m] -> int8 codes [..., n] (inverse of ``pack_ternary``); jit-able."""
-  shifts = jnp.arange(4, dtype=jnp.uint8) * 2
-  c = (packed[..., None] >> shifts) & 3
-  return (c.reshape(*packed.shape[:-1], -1)[..., :n].astype(jnp.int8) - 1)
+def pack_wo(wo) -> tuple[np.ndarray, np.ndarray]:
+  """Latent wo [E, H, D] -> (codes [E, P(H), D] uint8, scale [E, D])."""
+  e, _, d = wo.shape
+  codes, scale = ternary_values(jnp.asarray(wo, jnp.float32), WO_AXES)
+  return pack_planes(np.asarray(codes)), np.broadcast_to(np.asarray(scale), (e, 1, d)).reshape(
+      e, d).copy()
 
 
 def pack_bank(wi: Array, wo: Array) -> dict:
@@ -91,14 +88,9 @@ def pack_bank(wi: Array, wo: Array) -> dict:
   layout (``pallas_kernels.pack_planes``) and each expert matrix's scale, broadcast to its
   output columns: wi_packed [E, P(D), 2H] uint8, wi_scale [E, 2H], wo_packed [E, P(H), D],
   wo_scale [E, D]."""
-  wi, wo = np.asarray(wi, np.float32), np.asarray(wo, np.float32)
-  e, d, _, h = wi.shape
-  ci, si = ternary_values(jnp.asarray(wi), WI_AXES)
-  co, so = ternary_values(jnp.asarray(wo), WO_AXES)
-  return {"wi_packed": pack_planes(np.asarray(ci).reshape(e, d, 2 * h)),
-          "wi_scale": np.broadcast_to(np.asarray(si), (e, 1, 2, h)).reshape(e, 2 * h).copy(),
-          "wo_packed": pack_planes(np.asarray(co)),
-          "wo_scale": np.broadcast_to(np.asarray(so), (e, 1, d)).reshape(e, d).copy()}
+  (wi_packed, wi_scale), (wo_packed, wo_scale) = pack_wi(wi), pack_wo(wo)
+  return {"wi_packed": wi_packed, "wi_scale": wi_scale, "wo_packed": wo_packed,
+          "wo_scale": wo_scale}
 
 
 PACKED_NAMES = ("wi_packed", "wi_scale", "wo_packed", "wo_scale")

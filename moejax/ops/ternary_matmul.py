@@ -4,7 +4,8 @@
       out[i] = lhs[i] @ (W_g * scale_g) for rows of local groups, 0 elsewhere,
 
 with W_g the {-1, 0, 1} codes in ``pallas_kernels.ternary``'s K-planar layout (``pack_planes``).
-Backends: "reference" unpacks every weight and runs the per-group reference; "xla" (the CPU
+Backends: "reference" unpacks every weight and runs the per-group reference; "ragged_dot"
+unpacks every weight and runs ``jax.lax.ragged_dot`` on them; "xla" (the CPU
 path) decodes each tile's weight inside the tile loop from the packed bytes
 (the dense weights never exist in memory); "pallas" runs the kernels that decode tile by tile
 in VMEM/shared memory. Differentiable in lhs (d_lhs = (dout * scale) @ W^T); codes and scales
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.ternary import decode_plane, plane_rows, unpack_planes
-from moejax.ops.grouped_matmul import (_tiled_gmm, default_tile_m, gmm_reference,
+from moejax.ops.grouped_matmul import (_ragged_dot, _tiled_gmm, default_tile_m, gmm_reference,
                                        resolve_backend)
 
 Array = jax.Array
@@ -83,5 +84,10 @@ def gmm_ternary(lhs: Array, packed: Array, scale: Array, group_sizes: Array, *,
     tile_m = tile_m or default_tile_m(lhs.shape[0], group_sizes.shape[0])
     return _xla(lhs, packed, scale, group_sizes.astype(jnp.int32),
                 jnp.asarray(group_offset, jnp.int32), tile_m)
-  return gmm_reference(lhs, _dense(packed, scale, lhs.shape[1]).astype(lhs.dtype),
-                       group_sizes.astype(jnp.int32), group_offset=group_offset)
+  dense = _dense(packed, scale, lhs.shape[1]).astype(lhs.dtype)
+  if backend == "ragged_dot":
+    return _ragged_dot(lhs, dense, group_sizes.astype(jnp.int32), group_offset=group_offset)
+  if backend == "reference":
+    return gmm_reference(lhs, dense, group_sizes.astype(jnp.int32), group_offset=group_offset)
+  raise ValueError(f"gmm_ternary: backend {backend!r} has no ternary form; use 'auto', 'xla', "
+                   "'pallas', 'ragged_dot' or 'reference'")

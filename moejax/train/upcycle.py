@@ -6,7 +6,10 @@ routers keep their fresh initialisation. ``upcycle.method``:
 
   copy   Sparse Upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): every routed expert is a
          copy of the dense FFN (needs expert hidden = H). With top-k gates renormalised to sum
-         to 1 and no shared expert, the MoE computes exactly the dense function at step 0.
+         to 1 and no shared expert, every token that keeps all its slots gets exactly the dense
+         function at step 0: with ``dispatch="capacity"`` a token over an expert's capacity
+         loses that slot (counted in the log's drop share), so only dropless dispatch makes
+         step 0 exact for every token.
   drop   Drop-Upcycling (Nakamura et al. 2025, arXiv 2502.19261): copies, then in every expert
          a random ``drop_fraction`` of the H intermediate units is re-initialised (their
          columns of the gate/up weights and rows of the down weight) from a normal with the

@@ -104,7 +104,10 @@ def test_exported_variants_match_moejax_without_jax(exports):
   from safetensors.numpy import load_file
   t = load_file(out["ternary_top_p_moh_code_qk_bias_dense_first"][0] / "model.safetensors")
   packed = t["layer_1/moe/experts/wi/packed"]           # layer 0 is dense in this variant
-  assert packed.dtype == np.uint8 and packed.shape == (8, 32, 2, 4)    # 16 hidden / 4 per byte
+  # the kernels' K-planar layout (packed workdirs store the same): d_model 32 / 4 codes per
+  # byte = 8 plane rows, 2 x 16 hidden columns; one scale per column
+  assert packed.dtype == np.uint8 and packed.shape == (8, 8, 32)
+  assert t["layer_1/moe/experts/wi/scale"].shape == (8, 32)
   assert "layer_1/moe/experts/wi" not in t and "layer_1/moe/experts/wo" not in t
 
 

@@ -1,9 +1,9 @@
-"""Ternary experts: quantisers, straight-through gradients and 2-bit packing against NumPy; the
-ternary bank against a per-expert loop of quantised SwiGLU FFNs."""
+"""Ternary experts: quantisers and straight-through gradients against NumPy (2-bit packing:
+tests/ops/test_ternary_matmul.py); the ternary bank against a per-expert loop of quantised
+SwiGLU FFNs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from moejax.layers import ternary
 
@@ -45,26 +45,6 @@ def test_straight_through_gradients_are_the_identity():
   x = jax.random.normal(jax.random.key(1), (5, 4))
   g = jax.grad(lambda x: jnp.sum(ternary.quantize_activations(x) ** 2))(x)
   np.testing.assert_allclose(g, 2 * ternary.quantize_activations(x), rtol=1e-6)
-
-
-@pytest.mark.parametrize("shape", [(0,), (1,), (4,), (7,), (3, 13), (2, 2, 8)])
-@pytest.mark.parametrize("fill", ["random", "zeros", "ones", "minus_ones"])
-def test_two_bit_packing_round_trips(shape, fill):
-  rng = np.random.default_rng(1)
-  codes = {"random": rng.integers(-1, 2, size=shape), "zeros": np.zeros(shape, int),
-           "ones": np.ones(shape, int), "minus_ones": -np.ones(shape, int)}[fill]
-  packed = ternary.pack_ternary(codes)
-  assert packed.dtype == np.uint8 and packed.shape == shape[:-1] + (-(-shape[-1] // 4),)
-  np.testing.assert_array_equal(ternary.unpack_ternary(jnp.asarray(packed), shape[-1]), codes)
-  if shape[-1] == 0:
-    return
-  # the byte layout itself: value j of a byte in bits 2j..2j+1 as value + 1
-  flat = np.concatenate([codes.reshape(-1, shape[-1]),
-                         np.zeros((int(np.prod(shape[:-1])), (-shape[-1]) % 4), int)], -1) + 1
-  want = (flat.reshape(len(flat), -1, 4) * (4 ** np.arange(4))).sum(-1).reshape(packed.shape)
-  np.testing.assert_array_equal(packed, want)
-  with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
-    ternary.pack_ternary(np.array([2]))
 
 
 def test_ternary_bank_equals_a_loop_of_quantised_ffns_and_its_packed_form():

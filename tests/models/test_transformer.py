@@ -30,6 +30,25 @@ def test_causal(kind):
   assert a.shape == (2, 12, 256) and a.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("attention", ["standard", "mixture_of_heads", "latent"])
+def test_packed_documents_see_only_themselves(attention):
+  """Positions that restart mark packed documents: each document's logits equal its own forward,
+  and no token sees a later one."""
+  c = tiny_config("dense")
+  c.model.attention = attention
+  if attention == "mixture_of_heads":
+    c.model.moh.head_compute = "selected"
+  model = Transformer(ModelConfig.from_config(c.model))
+  a = jax.random.randint(jax.random.key(0), (1, 7), 0, 256)
+  b = jax.random.randint(jax.random.key(1), (1, 5), 0, 256)
+  packed = jnp.concatenate([a, b], axis=1)
+  positions = jnp.concatenate([jnp.arange(7), jnp.arange(5)])[None]
+  params = model.init(jax.random.key(2), packed)["params"]
+  got = model.apply({"params": params}, packed, positions=positions)
+  np.testing.assert_allclose(got[:, :7], model.apply({"params": params}, a), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[:, 7:], model.apply({"params": params}, b), rtol=1e-5, atol=1e-5)
+
+
 def np_rope(x, pos, theta=10000.0):
   dh = x.shape[-1]
   freq = theta ** (-np.arange(0, dh // 2) * 2.0 / dh)

@@ -59,7 +59,7 @@ def _reference(x, codes, scale, sizes, offset=0, dout=None):
   return out, dx
 
 
-@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("backend", ["reference", "ragged_dot", "xla", "pallas"])
 def test_every_backend_matches_the_unpacked_loop(backend):
   codes, scale, x, sizes = _problem()
   packed = jnp.asarray(pk.pack_planes(codes))
@@ -80,9 +80,10 @@ def test_gpu_kernel_in_the_interpreter_and_group_offset():
     got = pk.gmm_ternary(jnp.asarray(x), packed, jnp.asarray(scale[local]), jnp.asarray(sizes),
                          group_offset=1, target=target, interpret=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=target)
-  got = gmm_ternary(jnp.asarray(x), packed, scale[local], jnp.asarray(sizes), group_offset=1,
-                    backend="xla")
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for backend in ("xla", "ragged_dot"):
+    got = gmm_ternary(jnp.asarray(x), packed, scale[local], jnp.asarray(sizes), group_offset=1,
+                      backend=backend)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=backend)
 
 
 def test_clear_errors():

@@ -5,7 +5,8 @@ decode causally with a threshold learned as an exponential moving average during
 
 Expert choice: every expert takes its top-C tokens (Zhou et al. 2022, arXiv 2202.09368, eq. 1-2).
 
-  S = softmax(X W_r)  [T, E];   G, I = TopK(S^T, C) per expert,   C = T k / E  (x capacity_factor)
+  S = softmax(X W_r)  [T, E];   G, I = TopK(S^T, C) per expert,
+  C = min(T, max(1, ceil(capacity_factor x T k / E)))   (``expert_capacity``: rounded up)
 
 so load is balanced by construction and a token gets between 0 and E experts (k on average);
 a token's gate for expert e is S[t, e]. The result is token-major with one slot per expert
