@@ -20,7 +20,9 @@ def test_plot_history_adds_a_head_load_panel_for_mixture_of_heads():
               "layer_0/attn/head_load": [1.0, 0.5, 0.5], "layer_1/attn/head_load": [0, 1, 1]}]
   fig = plot_history(records)
   titles = [ax.get_title() for ax in fig.axes]
+  # the even-split reference comes from each panel's data: 1/E for expert shares, K/H for heads
   assert any(t.startswith("routed head load") and "uniform = 0.667" in t for t in titles), titles
+  assert any(t.startswith("expert load") and "uniform = 0.500" in t for t in titles), titles
   head_ax = next(ax for ax in fig.axes if ax.get_title().startswith("routed head"))
   np_grid = head_ax.get_images()[0].get_array()
   assert np_grid.shape == (2, 3) and float(np_grid[1, 0]) == 0.0

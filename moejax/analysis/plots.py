@@ -48,7 +48,9 @@ def plot_history(records: list[dict]):
     ax = axes[0, panel]
     panel += 1
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    uniform = 1 / grid.shape[1] if what == "expert" else float(grid.sum(1).mean()) / grid.shape[1]
+    # what an even split of each layer's total would give (1/E for expert shares, K/H for the
+    # share of tokens selecting each of H heads when K are active)
+    uniform = float(grid.sum(1).mean()) / grid.shape[1]
     ax.set(xlabel=what, yticks=range(len(names)), yticklabels=names,
            title=f"{what} load at step {train[-1]['step']} (uniform = {uniform:.3f})")
     fig.colorbar(im, ax=ax, label=label)
