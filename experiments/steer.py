@@ -40,7 +40,7 @@ _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
 _OTHER = flags.DEFINE_string("other_path", "../shared/data/wikitext2_valid.txt",
                              "Source B: a second text ('generated' = the embedded corpus).")
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps per seed.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds.")
 _SIZE = flags.DEFINE_string("size", "small", "Model size (moejax/experiment/setups.py).")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per source for traces and losses.")
 _DEACTIVATE = flags.DEFINE_integer("deactivate", 4, "(layer, expert) pairs switched off.")
@@ -140,7 +140,10 @@ def _text(result, seeds) -> str:
                  f"{_mean_std(col(f'deact_{name}_dB'))} |")
   cmp = stats.compare("change on A", "change on B", col("deact_specific_dA"),
                       col("deact_specific_dB"), metric="loss change", higher_is_better=True)
-  lines += ["", f"A-specific experts off, change on A minus change on B: {_cmp(cmp)}", "",
+  vs_random = stats.compare("A-specific", "random", col("deact_specific_dA"),
+                            col("deact_random_dA"), metric="loss change", higher_is_better=True)
+  lines += ["", f"A-specific experts off, change on A minus change on B: {_cmp(cmp)}",
+            f"Change on A, A-specific minus random experts off: {_cmp(vs_random)}", "",
             f"Validation loss on A without steering: {_mean_std(col('loss_a'))}; below, the "
             "change from it (paired by seed).", "",
             "**Dynamic skipping** (loss change on A vs routed-expert FLOPs saved):", "",

@@ -20,7 +20,7 @@ The public API (anything not listed here may change between versions):
             and per-layer expert load; need matplotlib)
   kernels   moejax.ops.gmm(lhs, rhs, group_sizes, backend=...), moejax.ops.tgmm
 
-See the README's "Use from Python" and experiments/notebooks/quickstart.ipynb.
+See README.md ("Use from Python"), docs/python.md and experiments/notebooks/quickstart.ipynb.
 """
 from moejax import ops, parallel  # noqa: F401  (parallel: registers expert parallelism)
 from moejax.api import (LossOutput, ModelOutput, analyze, build_model, forward, get_config,

@@ -1,5 +1,6 @@
-"""Every command the README shows is run here as written (smaller through documented overrides),
-or listed with the test that runs it, or with why no CPU test can (then CI runs it itself)."""
+"""Every command the README and the docs/ pages show is run here as written (smaller through
+documented overrides), or listed with the test that runs it, or with why no CPU test can (then
+CI runs it itself)."""
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import pytest
 from conftest import ROOT
 
 README = os.path.join(ROOT, "README.md")
+DOCS = sorted(os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
+              if n.endswith(".md"))
 SHARED_TINYSHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 
 # Small settings appended to README commands (later flags override earlier ones).
@@ -43,9 +46,9 @@ ELSEWHERE = {
 
 
 def readme_commands() -> list[str]:
-  """Shell commands in ```bash blocks (continuations joined, comments dropped) and in inline
-  code that starts like a command."""
-  text = open(README).read()
+  """Shell commands of the README and every docs/ page: in ```bash blocks (continuations
+  joined, comments dropped) and in inline code that starts like a command."""
+  text = "\n".join(open(p).read() for p in [README] + DOCS)
   out = []
   for block in re.findall(r"```bash\n(.*?)```", text, re.S):
     for line in block.replace("\\\n", " ").splitlines():
@@ -58,8 +61,10 @@ def readme_commands() -> list[str]:
   return list(dict.fromkeys(out))
 
 
-def python_example() -> str:
-  section = open(README).read().split("## Use from Python", 1)[1]
+def python_example(path: str = README) -> str:
+  """The first ```python block of ``path`` (README's "Use from Python", docs/python.md)."""
+  text = open(path).read()
+  section = text.split("## Use from Python", 1)[1] if path == README else text
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -417,6 +422,17 @@ def test_bench_kernels_smoke(tmp_path):
 def test_use_from_python_example_runs_as_written(tmp_path):
   script = tmp_path / "example.py"
   script.write_text(python_example())
+  out = _run([sys.executable, str(script)], str(tmp_path))
+  assert "(2, 64, 256) (63,)" in out and "val_data" in out
+  run = tmp_path / "runs" / "quickstart"
+  for name in ("config.json", "analysis/report.md", "analysis/traces_generated.npz"):
+    assert os.path.isfile(run / name), name
+
+
+@pytest.mark.slow
+def test_python_tour_in_docs_runs_as_written(tmp_path):
+  script = tmp_path / "tour.py"
+  script.write_text(python_example(os.path.join(ROOT, "docs", "python.md")))
   out = _run([sys.executable, str(script)], str(tmp_path))
   assert "(2, 64, 256) (63,)" in out and "val_data" in out
   assert os.path.isfile(tmp_path / "runs" / "quickstart" / "run.png")

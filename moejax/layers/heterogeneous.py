@@ -18,11 +18,11 @@ sizes are listed largest first (the ladders are): one gmm per block; any other o
 works, at one gmm per run of consecutive members.
 
 Measured against one bank padded to the widest expert (experiments/bench_moe.py --hmoe,
-README "Heterogeneous experts": 1.15-3x faster than padding). Not chosen, by reasoning rather
+docs/experts.md "Heterogeneous experts": 1.15-3x faster than padding). Not chosen, by reasoning rather
 than measurement: one gmm per size class with each class's own intermediate (activation memory
 grows with the number of classes: M x the sum of the class widths), and a gmm over fixed-width
 column tiles (many narrow matmuls for the widest expert, and rounding of the small ones). Also
-measured and reverted: row buckets for wide blocks and merging the narrowest blocks (README).
+measured and reverted: row buckets for wide blocks and merging the narrowest blocks (docs/experts.md).
 
 The ladders (``expert_size_ladder``) are the paper's shapes scaled to a stated total hidden size
 (section 4.1): geometric {1, 2, 4, ..., 128}, arithmetic {9, 11, ..., 23}, hybrid
