@@ -41,8 +41,8 @@ bench: $(BENCH_STAMP)
 	$(PY) experiments/bench_sharding.py
 	$(PY) experiments/bench_convert.py
 
-# Wheels for the accelerator machine (no package index there): carried with
-# `run(carry=[".gpu_wheels"], command="bash experiments/gpu_check.sh")`.
+# Wheels for an accelerator machine without a package index: copy .gpu_wheels there with the
+# repository; experiments/gpu_check.sh installs what is missing from it.
 GPU_PURE := sortedcontainers attrs pytest==9.2.0 iniconfig pluggy \
             ml-collections==1.1.0 chex==0.1.92 einops==0.8.2 tensorboardX==2.6.5 tqdm==4.70.1 \
             toolz
