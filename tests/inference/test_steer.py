@@ -82,13 +82,13 @@ def test_self_contrast_logits_and_greedy_generation(model_and_params):
       weak, params, tokens).logits
   np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-5)
   # generation decodes both models from their caches: greedy tokens = argmax of the formula
+  # (causal: one forward over prompt + generated tokens gives every step's logits)
   prompt = np.asarray(tokens[0, :5])
   gen = moejax.generate(model, params, [prompt], 6, steer={"contrast_weight": b})
-  seq = list(prompt)
-  for _ in range(6):
-    full = moejax.forward(model, params, jnp.asarray([seq]), steer={"contrast_weight": b})
-    seq.append(int(jnp.argmax(full.logits[0, -1])))
-  np.testing.assert_array_equal(gen.tokens[0], seq[5:])
+  seq = jnp.asarray(np.concatenate([prompt, gen.tokens[0]]))[None]
+  full = (1 + b) * moejax.forward(model, params, seq).logits - b * moejax.forward(
+      weak, params, seq).logits
+  np.testing.assert_array_equal(gen.tokens[0], np.argmax(full[0, 4:-1], axis=-1))
 
 
 @pytest.mark.parametrize("options, message", [
