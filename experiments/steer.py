@@ -47,6 +47,8 @@ _DEACTIVATE = flags.DEFINE_integer("deactivate", 4, "(layer, expert) pairs switc
 _SKIP = flags.DEFINE_list("skip_rates", ["0.1", "0.2", "0.3", "0.5"], "Target skip rates.")
 _CAPACITY = flags.DEFINE_list("capacity_factors", ["0.5", "0.75", "1.0", "1.5"],
                               "Inference capacity factors.")
+_MILP = flags.DEFINE_float("milp_seconds", 20.0, "Time limit of the placement MILP per seed "
+                          "(config analyze.milp_time_limit).")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/steer", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/steer", "Run directories (resumable).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
@@ -221,7 +223,8 @@ def main(argv):
   del argv
   logs.setup_console_logging()
   config = setups.experiment_config("deepseekmoe", size=_SIZE.value, steps=_STEPS.value,
-                                    data_path=_DATA.value, quick=_QUICK.value)
+                                    data_path=_DATA.value, quick=_QUICK.value,
+                                    overrides={"analyze.milp_time_limit": _MILP.value})
   seeds = [int(s) for s in _SEEDS.value]
   study = Study({"deepseekmoe": config}, seeds, _WORK.value, collect=collect_steering)
   result = study.run(estimate=False)

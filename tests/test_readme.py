@@ -138,7 +138,7 @@ def test_running_experiments_commands(tmp_path):
     out = _run(f"{GEN_SAMPLE} --config.sample.num_tokens=16", ROOT)
     assert "ROMEO:" in out and "16 new tokens: prefill" in out
     shared = os.path.isfile(SHARED_TINYSHAKESPEARE)
-    out = _run(f"{ANALYZE} --config.analyze.tokens=512" + (
+    out = _run(f"{ANALYZE} --config.analyze.tokens=512 --config.analyze.milp_time_limit=2" + (
         "" if shared else " --config.analyze.sources=generated"), ROOT)
     assert "**Expert placement** on 4 devices" in out
     names = ["generated", "tinyshakespeare", "wikitext2_valid"] if shared else ["generated"]
@@ -259,8 +259,8 @@ STEER_EXPERIMENT = ("python experiments/steer.py --data_path=../shared/data/tiny
 def test_steer_experiment_command(tmp_path):
   other = "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--other_path=generated"
   out, results = _run_experiment(STEER_EXPERIMENT, f"--quick --steps=12 --seeds=0,1 "
-                                 f"--tokens=512 --skip_rates=0.3 --capacity_factors=1.0 {other}",
-                                 tmp_path)
+                                 f"--tokens=256 --skip_rates=0.3 --capacity_factors=1.0 "
+                                 f"--milp_seconds=1 {other}", tmp_path)
   for table in ("**Deactivating experts**", "**Dynamic skipping**",
                 "**Capacity-aware inference**", "**Placement**", "**Offloading cache**"):
     assert table in results
