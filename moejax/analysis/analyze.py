@@ -83,11 +83,11 @@ def analyze_traces(traces: dict[str, Traces], config) -> dict:
   first = traces[names[0]]
   e, layers = first.num_experts, first.layers
   freq = {s: routing.activation_frequency(t.experts, e) for s, t in traces.items()}
+  loads = {s: routing.expert_load(t.experts, e) for s, t in traces.items()}
   out = {"sources": {s: int(t.num_tokens) for s, t in traces.items()},
          "layers": layers.tolist(), "num_experts": e,
-         "load": {s: routing.expert_load(t.experts, e).tolist() for s, t in traces.items()},
-         "load_max_over_mean": {s: (np.max(routing.expert_load(t.experts, e), axis=1) * e)
-                                .tolist() for s, t in traces.items()}}
+         "load": {s: v.tolist() for s, v in loads.items()},
+         "load_max_over_mean": {s: (np.max(v, axis=1) * e).tolist() for s, v in loads.items()}}
   if len(names) > 1:
     spec = routing.specialisation(np.stack([freq[s] for s in names]))
     out["specialisation"] = spec.tolist()
@@ -119,11 +119,11 @@ def analyze_traces(traces: dict[str, Traces], config) -> dict:
   plans = [placement.round_robin(len(layers), e, d), greedy, refined,
            placement.milp(trans_fit, e, d, load, an.balance_slack, an.milp_time_limit,
                           incumbent=None if balanced else refined)]
+  test_load = routing.expert_load(test, e)
   out["placement"] = {"devices": d, "plans": {p.method: {
       "traffic_heldout": placement.traffic(p.devices, trans_test),
       "traffic_fit": placement.traffic(p.devices, trans_fit),
-      "max_device_load": float(placement.device_load(p.devices, routing.expert_load(test, e),
-                                                     d).max() * d),
+      "max_device_load": float(placement.device_load(p.devices, test_load, d).max() * d),
       "optimal": p.optimal, "seconds": p.seconds, "devices": p.devices.tolist()}
       for p in plans}}
   table = routing.affinity(trans_fit)

@@ -34,6 +34,7 @@ import numpy as np
 
 from moejax.errors import ConfigError
 from moejax.inference import cache as cache_lib
+from moejax.inference import steer as steer_lib
 from moejax.inference.sampling import next_tokens, row_keys
 
 Array = jax.Array
@@ -162,7 +163,6 @@ def generate(model, params, prompts, max_new_tokens: int, *, temperature: float 
   (1 + b) x the model's logits - b x ``weak_model``'s (``contrast_weight`` b), each with its own
   cache; ``steer`` with ``contrast_weight`` builds the weak model itself."""
   if steer:
-    from moejax.inference import steer as steer_lib
     model = steer_lib.steered(model, steer, params, calibration)
     if steer_lib.options(steer)["contrast_weight"] > 0:
       weak_model = steer_lib.weak_model(model, steer)
@@ -229,7 +229,7 @@ def _apply(models, params, caches, tokens, contrast: float, **kwargs):
           for m, c in zip(models, caches)]
   logits = outs[0][0]
   if len(outs) > 1:
-    logits = (1.0 + contrast) * logits - contrast * outs[1][0]
+    logits = steer_lib.contrast_logits(logits, outs[1][0], contrast)
   return logits, tuple(mutated["cache"] for _, mutated in outs)
 
 

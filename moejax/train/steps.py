@@ -32,11 +32,11 @@ from moejax.inference import steer as steer_lib
 _MUTABLE = ["losses", "intermediates", "param_updates"]
 
 
-def build_model(config, skip_thresholds=None) -> Transformer:
+def build_model(config) -> Transformer:
   """The model of ``config.model``, with ``config.steer``'s routing edits (inference only;
-  ``skip_thresholds`` {layer: gate threshold} from moejax/inference/steer.calibrate_skip)."""
+  ``steer.skip_rate`` needs data to calibrate: ``moejax.inference.steer.steered`` does it)."""
   cfg = ModelConfig.from_config(config.model, config.data.seq_len)
-  steers = steer_lib.layer_steers(config.get("steer", {}), cfg, skip_thresholds)
+  steers = steer_lib.layer_steers(config.get("steer", {}), cfg)
   return Transformer(dataclasses.replace(cfg, steer=steers) if steers else cfg)
 
 

@@ -152,8 +152,7 @@ class Trainer:
       return
     if st.skip_rate > 0:
       batches = [self.data.batch(i)[:, :-1] for i in range(st.calibration_batches)]
-      thresholds = steer_lib.calibrate_skip(self.model, self.params, batches, st.skip_rate)
-      self.model = build_model(self.config, thresholds)
+      self.model = steer_lib.steered(self.model, st, self.params, batches)
     if st.contrast_weight > 0:
       self.weak_model = steer_lib.weak_model(self.model, st)
     self.eval_step = make_eval_step(self.model, self.shardings, self.mesh, self.weak_model,
