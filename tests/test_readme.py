@@ -69,9 +69,12 @@ def python_example(path: str = README) -> str:
 
 
 def _run(cmd, cwd, env=None, timeout=900):
-  # As a user runs them: in the environment `make` built (`source .venv/bin/activate`).
+  # As a user runs them: in the environment `make` built (`source .venv/bin/activate`), on the
+  # machine's one CPU device, not the 8 simulated ones of this process (conftest): with 8
+  # device threads on 2 cores a collective can miss XLA's 40 s rendezvous under load. A command
+  # that needs devices sets XLA_FLAGS itself.
   path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path, **(env or {}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path, **{"XLA_FLAGS": "", **(env or {})})
   p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                      shell=isinstance(cmd, str))
   assert p.returncode == 0, f"{cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
@@ -234,7 +237,7 @@ def test_expert_parallel_command():
   runs_dir = os.path.join(ROOT, "runs", "ep")
   shutil.rmtree(runs_dir, ignore_errors=True)
   try:
-    out = _run(f"{EP_COMMAND} {' '.join(SMALL)}", ROOT, env={"XLA_FLAGS": ""})
+    out = _run(f"{EP_COMMAND} {' '.join(SMALL)}", ROOT)
     assert "expert-parallel: shard_map over mesh axis 'expert' (4 devices" in out
     assert "final | step 12" in out
   finally:
