@@ -7,7 +7,9 @@
   python run.py --workdir=runs/dsm --mode=analyze   # routing traces + report: runs/dsm/analysis
 
 Re-running ``train`` in the same workdir resumes from its latest checkpoint; settings that define
-the trained model cannot change on resume, eval or sample (the error names each one).
+the trained model cannot change on resume, eval or sample (the error names each one). Without
+--config, ``train`` in a workdir that holds a config.json (a compressed or imported model)
+trains that model: ``python run.py --mode=train --workdir=runs/dsm-pruned --config.train.steps=100``.
 Exit status: 0 done, 1 training diverged (non-finite loss), 2 bad settings, 130 interrupted.
 """
 import importlib.util
@@ -89,6 +91,19 @@ def _load_config():
     _fail(f"--config={path}: cannot load it: {str(e).strip().splitlines()[-1]}")
 
 
+def _train_config(workdir):
+  """--mode=train: the --config file; without one, a workdir that holds a config.json (a run
+  to resume, an imported or compressed model to fine-tune) trains from it, with the --config.*
+  overrides (model-defining ones are refused as on resume)."""
+  if not FLAGS["config"].present:
+    from moejax.train import workdir as workdir_lib
+    saved = workdir_lib.load_config(workdir)
+    if saved is not None:
+      logs.progress(f"config: {os.path.join(workdir, 'config.json')} (no --config given)")
+      return config_lib.apply_overrides(saved, config_flags.get_override_values(FLAGS["config"]))
+  return _load_config()
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
@@ -97,7 +112,7 @@ def main(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if mode == "train":
-      result = trainer.train(_load_config(), workdir)
+      result = trainer.train(_train_config(workdir), workdir)
       if result["interrupted"]:
         sys.exit(130)
       return

@@ -10,6 +10,8 @@ The public API (anything not listed here may change between versions):
   analysis  analyze(workdir, overrides) -> Analysis (routing traces, report.md, plots);
             steered(model, steer) and forward/generate(..., steer={...}): inference-time
             deactivation, forcing, reinforcing, self-contrast, capacity, skipping
+  compress  compress(workdir, out, method, keep, calibration) -> report: pruned or merged
+            experts written as a new workdir (moejax/compress/; python -m moejax.compress)
   layers    MoESpec (validated; MoESpec.from_counts states routed/active experts directly),
             MoEBlock, RoutingResult
   training  Trainer(config, workdir): train(steps), evaluate(), sample(prompt), generate(prompts),
@@ -25,6 +27,7 @@ See README.md ("Use from Python"), docs/python.md and experiments/notebooks/quic
 from moejax import ops, parallel  # noqa: F401  (parallel: registers expert parallelism)
 from moejax.api import (LossOutput, ModelOutput, analyze, build_model, forward, get_config,
                         init_params, list_configs, loss, steered)
+from moejax.compress.pipeline import compress
 from moejax.config import ConfigError, base_config, validate
 from moejax.inference import GenerateResult, GenerationError, generate
 from moejax.layers.moe import MoEBlock, MoESpec
@@ -47,7 +50,7 @@ def plot_run(workdir: str, out_path: str | None = None) -> str:
 
 
 __all__ = [
-    "ConfigError", "GenerateResult", "analyze", "steered", "GenerationError", "LossOutput", "ModelOutput", "MoEBlock",
+    "ConfigError", "GenerateResult", "analyze", "compress", "steered", "GenerationError", "LossOutput", "ModelOutput", "MoEBlock",
     "MoESpec", "NonFiniteLossError", "RoutingResult", "TrainResult", "Trainer", "base_config",
     "build_model", "forward", "generate", "get_config", "init_params", "list_configs", "loss",
     "ops", "plot_history", "plot_run", "validate",

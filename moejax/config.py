@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.ladder_repeats = 1           # repeat a ladder per expert-parallel device (mesh.expert)
   e.parameter_penalty_weight = 0.0   # HMoE parameter penalty (paper: 0.1, replacing balance);
                                      # its f_i is count_i / (T k): a per-token frequency / k
+  # Per-layer MoE settings, as JSON {"layer": {"expert_sizes": [...], "expert_map": [...]}}:
+  # written by compression (moejax/compress/), where pruning leaves layers different.
+  e.layer_overrides = "{}"
   e.moe_every = 1                # every n-th layer is MoE ...
   e.first_dense_layers = 0       # ... after the first k dense layers
 
@@ -270,6 +273,39 @@ def _positive(c, prefix: str, *names: str) -> None:
     _require(c[n] > 0, f"{prefix}.{n}", f"must be > 0, got {c[n]!r}")
 
 
+def _check_layer_overrides(config) -> None:
+  """model.moe.layer_overrides: JSON {"layer": {field: value}} for MoE layers, each layer's
+  spec valid by the same rules as the global one."""
+  import dataclasses
+  import json
+
+  from moejax.layers.moe_spec import MoESpec
+  e, key = config.model.moe, "model.moe.layer_overrides"
+  try:
+    table = json.loads(e.layer_overrides or "{}")
+  except ValueError as err:
+    raise ConfigError(f"config.{key}: not JSON ({err})") from None
+  _require(isinstance(table, dict), key, 'must be a JSON object {"layer": {field: value}}')
+  if not table:
+    return
+  e_ = config.model.moe
+  moe_layers = [i for i in range(config.model.num_layers) if i >= e_.first_dense_layers
+                and (i - e_.first_dense_layers) % e_.moe_every == 0]
+  base = MoESpec.from_config(e)
+  allowed = {"expert_sizes", "expert_map", "expert_total_hidden"}
+  for layer, fields in table.items():
+    _require(layer.isdigit() and int(layer) in moe_layers, key,
+             f"names layer {layer!r}; allowed: the MoE layers {moe_layers}")
+    _require(isinstance(fields, dict) and set(fields) <= allowed, f"{key}[{layer}]",
+             f"must map fields to values; allowed fields: {', '.join(sorted(allowed))}, got "
+             f"{fields!r}")
+    try:
+      dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in fields.items()})
+    except ConfigError as err:
+      raise ConfigError(f"config.{key}[{layer}]: {err}") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every rule before any compute; returns the config for chaining."""
   m, e, d, t = config.model, config.model.moe, config.data, config.train
@@ -348,6 +384,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(e.first_dense_layers < m.num_layers, "model.moe.first_dense_layers",
              f"must be < model.num_layers={m.num_layers} or no layer is MoE, "
              f"got {e.first_dense_layers}")
+    _check_layer_overrides(config)
 
   sizes = [config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")]
   for a, v in zip(("data", "fsdp", "expert", "tensor"), sizes):

@@ -14,11 +14,11 @@ def param_counts(model, params) -> tuple[int, int]:
   c = model.cfg
   if c.moe is None:
     return total, total
-  s = c.moe
-  n_moe = sum(c.is_moe_layer(i) for i in range(c.num_layers))
-  sizes = s.routed_sizes
-  mean = sum(sizes) / len(sizes)
-  inactive = n_moe * round((len(sizes) - s.routed_k) * 3 * c.d_model * mean)
+  inactive = 0
+  for i in c.moe_layer_ids:
+    sizes = c.moe_spec(i).routed_sizes
+    mean = sum(sizes) / len(sizes)
+    inactive += round(max(len(sizes) - c.moe_spec(i).routed_k, 0) * 3 * c.d_model * mean)
   return total, total - inactive
 
 

@@ -255,8 +255,12 @@ def check_exportable(fam: Family, cfg) -> None:
        "model.moe.group_mask_fill/group_routing",
        "DeepSeek-V3 masks other groups with -inf, group-limited"),
       (s.expert_bank == "swiglu", "model.moe.expert_bank", "HF experts are full-precision SwiGLU"),
-      (not s.heterogeneous, "model.moe.expert_sizes",
-       "HF families have experts of one size (use --to=torch for heterogeneous experts)"),
+      (not s.heterogeneous and not any(sp.heterogeneous for _, sp in cfg.moe_layers),
+       "model.moe.expert_sizes", "HF families have experts of one size (use --to=torch for "
+       "heterogeneous experts, e.g. after neuron pruning)"),
+      (not any(sp.expert_map for _, sp in cfg.moe_layers), "model.moe.layer_overrides",
+       "merged experts fold several router outputs onto one expert, which HF families cannot "
+       "express (use --to=torch)"),
       (s.merge == "none" and s.iterations == 1, "model.moe.merge/iterations",
        "soft merging and Chain-of-Experts have no HF counterpart"),
       (fam.default_renormalize is None or s.renormalize == fam.default_renormalize,

@@ -36,6 +36,10 @@ def torch_config(cfg) -> dict:
     out["moe"] = {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
                   "routed_k": s.routed_k, "fine_hidden": s.fine_hidden,
                   "routed_sizes": list(s.routed_sizes)}
+    # per-layer settings of compressed models (model.moe.layer_overrides)
+    out["moe_layers"] = {str(i): {"routed_sizes": list(sp.routed_sizes),
+                                  "expert_map": list(sp.expert_map)}
+                         for i, sp in cfg.moe_layers}
   return out
 
 

@@ -196,10 +196,15 @@ class MoejaxForCausalLM(torch.nn.Module):
       weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
     return index, weight * m["routed_scaling_factor"]
 
+  def layer_moe(self, L):
+    """Layer L's MoE settings: the model's, with its per-layer ones (compressed models:
+    expert sizes, the merged-expert map) on top."""
+    return {**self.c["moe"], **self.c.get("moe_layers", {}).get(L.split("_")[1], {})}
+
   def expert_weights(self, L):
     """Per-expert (wi, wo) and whether they are ternary."""
     if f"{L}/moe/experts/wi_0" in self.w:   # heterogeneous sizes: column blocks, see
-      sizes = self.c["moe"]["routed_sizes"]  # moejax/layers/heterogeneous.py
+      sizes = self.layer_moe(L)["routed_sizes"]  # moejax/layers/heterogeneous.py
       wi, wo = [[] for _ in sizes], [[] for _ in sizes]
       for j, hi in enumerate(sorted(set(sizes))):
         for r, e in enumerate(i for i, h in enumerate(sizes) if h >= hi):
@@ -216,6 +221,9 @@ class MoejaxForCausalLM(torch.nn.Module):
 
   def experts(self, L, x, index, weight):
     wi, wo, ternary = self.expert_weights(L)
+    emap = self.layer_moe(L).get("expert_map")
+    if emap:    # merged experts: router output i runs expert emap[i] (moejax/layers/folding.py)
+      index = torch.where(index >= 0, torch.tensor(emap)[index.clamp(min=0)], index)
     y = torch.zeros_like(x)
     for e in range(len(wi)):
       tok, slot = torch.nonzero(index == e, as_tuple=True)

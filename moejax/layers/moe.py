@@ -25,6 +25,7 @@ from flax import linen as nn
 from moejax.layers import losses
 from moejax.layers.dense import SwiGLU, kernel_init
 from moejax.layers.expert_execution import execution_for
+from moejax.layers.folding import fold_routing
 from moejax.layers.moe_rules import EXPERT_BANKS, check_moe_fields  # noqa: F401  (re-exported)
 from moejax.layers.moe_spec import MoESpec  # noqa: F401  (re-exported)
 from moejax.layers.routers import ROUTERS, RoutingResult
@@ -116,7 +117,8 @@ class MoEBlock(nn.Module):
     carry = router_state[1] if router_state is not None else None
     h, out = x, None
     for j in range(s.iterations):
-      router = ROUTERS[s.router].from_spec(s, name="router" if j == 0 else f"router_{j}")
+      router = ROUTERS[s.router].from_spec(s.router_spec(),
+                                           name="router" if j == 0 else f"router_{j}")
       if getattr(router, "recurrent", False):
         routing, carry = router(h, deterministic=deterministic,
                                 gru=router_state[0] if router_state else None, carry=carry)
@@ -128,6 +130,8 @@ class MoEBlock(nn.Module):
         routing, changes = steer_routing(routing, self.steer)
         for name, value in changes.items():
           self.sow("intermediates", name, value)
+      if s.expert_map:
+        routing = fold_routing(routing, s.expert_map)
       self._trace(routing)
       gathers = self._gathers(experts, routing.dispatch_index.size, ep, deterministic)
       self._log_path(execution, ep, gathers)
@@ -140,6 +144,10 @@ class MoEBlock(nn.Module):
       if shared is not None:
         y = y + shared_output(self, shared, h.reshape(-1, x.shape[-1]), s.shared_expert_gate)
       self._record(routing, num_dropped, x.shape[-1])
+      # what compression's calibration reads (moejax/compress/calibration.py); no cost unless
+      # a caller makes "moe_inputs" mutable or passes "perturbations" (the output's gradient)
+      self.sow("moe_inputs", "x", tokens)
+      y = self.perturb("output", y.reshape(-1, x.shape[-1]))
       y = y.reshape(x.shape).astype(self.dtype)
       out = y if out is None else out + y
       h = h + y

@@ -34,8 +34,12 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
   for name in ("num_experts", "top_k", "expert_hidden", "segments", "capacity_factor",
                "num_device_groups", "row_align", "balance_micro_batches"):
     require(v[name] > 0, name, f"must be > 0, got {v[name]!r}")
-  require(v["top_k"] <= v["num_experts"], "top_k",
-          f"must be <= {ref('num_experts')}={v['num_experts']}, got {v['top_k']}")
+  emap = tuple(v.get("expert_map", ()))
+  limit = len(emap) + v["num_shared_experts"] if emap else v["num_experts"]
+  require(v["top_k"] <= limit, "top_k",
+          f"must be <= {ref('num_experts')}={v['num_experts']}, got {v['top_k']}"
+          if not emap else f"must be <= the router's outputs + shared experts = {limit}, "
+          f"got {v['top_k']}")
   require(v["expert_hidden"] % v["segments"] == 0, "segments",
           f"must divide {ref('expert_hidden')}={v['expert_hidden']} (each expert is split into "
           f"segments of equal hidden size), got {v['segments']}")
@@ -77,6 +81,20 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
     require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
   _check_router_fields(v, require, ref, routed)
   _check_size_fields(v, require, ref, routed)
+  if emap:
+    _check_expert_map(v, emap, require, ref, routed)
+
+
+def _check_expert_map(v, emap, require, ref, routed: int) -> None:
+  """Merged experts: every bank expert is the target of some router output."""
+  require(all(isinstance(i, (int, np.integer)) for i in emap)
+          and sorted(set(emap)) == list(range(routed)), "expert_map",
+          f"must map the router's outputs onto every one of the {routed} routed experts "
+          f"(integers 0..{routed - 1}, each used at least once), got {list(emap)}")
+  require(v["segments"] == 1 and not v["null_experts"] and v["merge"] == "none"
+          and v["iterations"] == 1, "expert_map",
+          f"folds router outputs onto merged experts; it needs {ref('segments')}=1, no "
+          f"{ref('null_experts')}, {ref('merge')}='none' and {ref('iterations')}=1")
 
 
 def _check_size_fields(v, require, ref, routed: int) -> None:

@@ -11,6 +11,10 @@ from moejax.layers.heterogeneous import HeterogeneousSwiGLUExperts, expert_size_
 from moejax.layers.moe_rules import EXPERT_BANKS, check_moe_fields
 
 
+# Fields set per MoE layer only (model.moe.layer_overrides), never globally in the config.
+LAYER_ONLY = frozenset({"expert_map"})
+
+
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
   """Hyper-parameters of one MoE block, in the units of the DeepSeekMoE paper.
@@ -87,12 +91,17 @@ class MoESpec:
   expert_total_hidden: int = 0
   ladder_repeats: int = 1               # repeat a ladder of routed/repeats sizes (one per device)
   parameter_penalty_weight: float = 0.0   # HMoE's parameter penalty (replaces load balance)
+  # Merged experts (moejax/compress/merge.py): the router keeps one output per original expert
+  # and expert_map[i] names the bank expert that router output i runs (layers/folding.py);
+  # () = identity. Set per layer by compression (model.moe.layer_overrides).
+  expert_map: tuple = ()
 
   def __post_init__(self):
     # Lists from JSON configs become tuples: the spec is hashable and compares by value.
     # (non-integers are kept, for validation to name them)
-    object.__setattr__(self, "expert_sizes", tuple(
-        int(h) if isinstance(h, (int, np.integer)) else h for h in self.expert_sizes))
+    for name in ("expert_sizes", "expert_map"):
+      object.__setattr__(self, name, tuple(
+          int(h) if isinstance(h, (int, np.integer)) else h for h in getattr(self, name)))
     check_moe_fields(self.__dict__)
 
   @classmethod
@@ -121,7 +130,8 @@ class MoESpec:
     (routed_experts, active_experts); config validation refuses both at once.
     """
     counts = ("num_experts", "top_k", "expert_hidden", "segments", "num_shared_experts")
-    options = {f.name: e[f.name] for f in dataclasses.fields(cls) if f.name not in counts}
+    options = {f.name: e[f.name] for f in dataclasses.fields(cls)
+               if f.name not in counts and f.name not in LAYER_ONLY}
     if e.routed_experts > 0:
       return cls.from_counts(e.routed_experts, e.active_experts, e.expert_hidden,
                              e.num_shared_experts, **options)
@@ -140,6 +150,19 @@ class MoESpec:
   @property
   def fine_hidden(self) -> int:       # d_ff / m
     return self.expert_hidden // self.segments
+
+  @property
+  def router_experts(self) -> int:
+    """Outputs of the router: one per original expert when experts were merged."""
+    return len(self.expert_map) or self.num_routed
+
+  def router_spec(self) -> "MoESpec":
+    """The spec the router is built from: ``router_experts`` routed experts (the bank's count
+    differs only when ``expert_map`` folds several router outputs onto one merged expert)."""
+    if not self.expert_map:
+      return self
+    return dataclasses.replace(self, num_experts=len(self.expert_map) + self.num_shared_experts,
+                               expert_map=())
 
   @property
   def heterogeneous(self) -> bool:

@@ -7,6 +7,7 @@ layers < first_dense_layers are dense (DeepSeekMoE 16B: the first layer), after 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Optional
 
 import jax
@@ -40,6 +41,9 @@ class ModelConfig:
   qkv_bias: bool = False            # attention options (layers/attention.py)
   qk_norm: str = "none"
   moe: Optional[MoESpec] = None     # None: every layer dense
+  # ((layer, MoESpec), ...): MoE layers whose spec differs from ``moe`` (compressed models:
+  # per-layer expert sizes or merged-expert maps; config model.moe.layer_overrides)
+  moe_layers: tuple = ()
   moe_every: int = 1
   first_dense_layers: int = 0
   # None: standard attention; else mixture-of-heads options (layers/moh.py):
@@ -60,6 +64,16 @@ class ModelConfig:
     return (self.moe is not None and i >= self.first_dense_layers
             and (i - self.first_dense_layers) % self.moe_every == 0)
 
+  def moe_spec(self, i: int) -> Optional[MoESpec]:
+    """Layer ``i``'s MoE spec (its override, else ``moe``); None for a dense layer."""
+    if not self.is_moe_layer(i):
+      return None
+    return dict(self.moe_layers).get(i, self.moe)
+
+  @property
+  def moe_layer_ids(self) -> list[int]:
+    return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
@@ -72,7 +86,8 @@ class ModelConfig:
     moe = MoESpec.from_config(moe_cfg)
     fields = {f.name for f in dataclasses.fields(cls)} - {"moe", "moe_every", "first_dense_layers",
                                                           "moh", "mla", "latent_norm_eps",
-                                                          "mla_decode", "max_length", "steer"}
+                                                          "mla_decode", "max_length", "steer",
+                                                          "moe_layers"}
     moh = None
     if model.attention == "mixture_of_heads":
       h = model.moh
@@ -82,11 +97,23 @@ class ModelConfig:
     if model.attention == "latent":
       a = model.mla
       mla = (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim)
-    return cls(moe=moe, moe_every=moe_cfg.moe_every,
+    return cls(moe=moe, moe_layers=layer_specs(moe, moe_cfg.layer_overrides),
+               moe_every=moe_cfg.moe_every,
                first_dense_layers=moe_cfg.first_dense_layers, moh=moh, mla=mla,
                latent_norm_eps=model.mla.latent_norm_eps, mla_decode=model.mla.decode,
                max_length=model.max_length or default_max_length,
                **{name: model[name] for name in fields})
+
+
+def layer_specs(moe: Optional[MoESpec], overrides: str) -> tuple:
+  """((layer, MoESpec), ...) from ``model.moe.layer_overrides`` (validated by config.py):
+  a JSON object {"layer": {MoESpec field: value}}."""
+  table = json.loads(overrides or "{}")
+  if moe is None or not table:
+    return ()
+  return tuple((int(i), dataclasses.replace(moe, **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in fields.items()}))
+               for i, fields in sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
 class DecoderLayer(nn.Module):
@@ -123,7 +150,8 @@ class DecoderLayer(nn.Module):
     carry = router_state[1] if router_state is not None else None
     if c.is_moe_layer(self.layer):
       if c.moe.merge == "none":
-        block = MoEBlock(c.moe, dt, steer=dict(c.steer).get(self.layer), name="moe")
+        block = MoEBlock(c.moe_spec(self.layer), dt, steer=dict(c.steer).get(self.layer),
+                         name="moe")
         y = block(h, deterministic=deterministic, token_ids=tokens, router_state=router_state)
       else:
         y = SoftMergeBlock(c.moe, dt, name="moe")(h, prompt_length=prompt_length,

@@ -42,6 +42,12 @@ VARIANTS = {
         "model.mla.v_head_dim": 6, "model.moe.router": "sigmoid",
         "model.moe.num_expert_groups": 4, "model.moe.groups_per_token": 2,
         "model.moe.routed_scaling_factor": 2.0}),
+    # what compression writes: per-layer sizes (neuron pruning), a folded router (merging)
+    "compressed_layer_sizes_and_merged_experts": ("gshard", {
+        "model.moe.num_experts": 0, "model.moe.routed_experts": 4,
+        "model.moe.active_experts": 2, "model.moe.expert_hidden": 32,
+        "model.moe.layer_overrides": '{"0": {"expert_sizes": [48, 32, 24, 24]}, '
+                                     '"1": {"expert_map": [0, 1, 2, 3, 1, 2]}}'}),
 }
 
 
