@@ -4,8 +4,12 @@ import sys
 
 # 8 simulated CPU devices for the sharding tests; must be set before JAX is imported. Tests that
 # do not build a mesh run on device 0 as usual.
+# On 2 loaded cores, 8 device threads can reach a collective far apart: XLA:CPU aborts the
+# process when one waits 40 s (seen as a crashed test worker), so the tests give them minutes.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                           " --xla_cpu_collective_timeout_seconds=900").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile the same tiny programs many times (in-process and in run.py subprocesses, which
 # inherit this): JAX's persistent compilation cache roughly halves the suite's time on 2 cores.

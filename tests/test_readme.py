@@ -123,13 +123,25 @@ STEER_EVALS = ["python run.py --workdir=runs/gshard --mode=eval --config.steer.d
                "python run.py --workdir=runs/gshard --mode=eval --config.steer.skip_rate=0.3"]
 STEER_SAMPLE = ("python run.py --workdir=runs/gshard --mode=sample "
                 "--config.steer.contrast_weight=0.5 --config.sample.temperature=0")
+COMPRESS = ["python -m moejax.compress --workdir=runs/gshard --out=runs/gshard-pruned "
+            "--method=frequency --keep=0.5",
+            "python -m moejax.compress --workdir=runs/gshard --out=runs/gshard-neurons "
+            "--method=neuron --keep=0.5 --calibration=../shared/data/wikitext2_valid.txt"]
+COMPRESS_EVAL = "python run.py --workdir=runs/gshard-pruned --mode=eval"
+COMPRESS_TUNE = "python run.py --mode=train --workdir=runs/gshard-pruned --config.train.steps=100"
 
 
 @pytest.mark.slow
-@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE, GEN_SAMPLE, ANALYZE, *STEER_EVALS, STEER_SAMPLE)
+@runs(GSHARD_TRAIN, GSHARD_EVAL, GSHARD_SAMPLE, GEN_SAMPLE, ANALYZE, *STEER_EVALS, STEER_SAMPLE,
+      *COMPRESS, COMPRESS_EVAL, COMPRESS_TUNE)
 def test_running_experiments_commands(tmp_path):
+  """The trained run of docs/running.md, then what generation, analysis, steering and
+  compression (docs/compression.md, commands and Python example) do with it."""
   runs_dir = os.path.join(ROOT, "runs", "gshard")
-  shutil.rmtree(runs_dir, ignore_errors=True)
+  made = [runs_dir] + [os.path.join(ROOT, "runs", n) for n in ("gshard-pruned", "gshard-neurons",
+                                                                "gshard-merged")]
+  for d in made:
+    shutil.rmtree(d, ignore_errors=True)
   try:
     out = _run(f"{GSHARD_TRAIN} {' '.join(SMALL + _data_override())}", ROOT)
     assert "final | step 12" in out
@@ -152,8 +164,22 @@ def test_running_experiments_commands(tmp_path):
       assert "eval | step 12" in out and "steering changed the experts of" in out and what in out
     out = _run(f"{STEER_SAMPLE} --config.sample.num_tokens=8", ROOT)
     assert "self-contrast: (1 + 0.5) x logits - 0.5 x logits routed rank2" in out
+    small = "--calibration_tokens=512 --eval_tokens=512"
+    out = _run(f"{COMPRESS[0]} {small}", ROOT)
+    assert "validation loss on" in out and "routed experts" in out
+    out = _run(f"{COMPRESS[1]} {small}" + ("" if shared else " --calibration=generated"), ROOT)
+    assert "peak RSS" in out
+    assert "eval | step 0" in _run(COMPRESS_EVAL, ROOT)
+    out = _run(f"{COMPRESS_TUNE} --config.train.steps=4", ROOT)
+    assert "no --config given" in out and "final | step 4" in out
+    example = python_example(os.path.join(ROOT, "docs", "compression.md"))
+    out = _run([sys.executable, "-c", "import moejax\n" + example.replace(
+        'keep=0.5)', 'keep=0.5, calibration_tokens=512, eval_tokens=512)') +
+                "print(report['after']['loss'])"], ROOT)
+    assert ("tinyshakespeare" if shared else "generated") in out.splitlines()[-1]
   finally:
-    shutil.rmtree(runs_dir, ignore_errors=True)
+    for d in made:
+      shutil.rmtree(d, ignore_errors=True)
 
 
 UP_DENSE = "python run.py --config=configs/dense.py --workdir=runs/dense --mode=train"

@@ -22,8 +22,8 @@ _METHOD = flags.DEFINE_enum("method", None, list(METHODS),
 _KEEP = flags.DEFINE_float("keep", 0.5, "Fraction of each layer's routed-expert parameters "
                            "kept, in (0, 1].")
 _CALIBRATION = flags.DEFINE_string(
-    "calibration", None, "Calibration text file (the task or domain for --method=task|domain); "
-    "default: the workdir's own training data.")
+    "calibration", None, "Calibration text file (the task or domain for --method=task|domain), "
+    "or 'generated' (the embedded corpus); default: the workdir's own training data.")
 _CAL_TOKENS = flags.DEFINE_integer("calibration_tokens", 8192, "Calibration tokens read.")
 _EVAL = flags.DEFINE_list("eval_sources", None, "Text files (or 'generated') whose validation "
                           "split measures both models; default: calibration + the run's data.")
