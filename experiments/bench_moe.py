@@ -164,9 +164,10 @@ def _matmuls_only(p, xs, group_sizes, sizes):
   return y
 
 
-def hmoe_case(t, d, sizes, k, key, activation=True):
-  """The heterogeneous bank (column blocks) behind the same dispatch as ``moe_case``; without
-  ``activation``: its grouped matmuls only (``_matmuls_only``)."""
+def hmoe_case(t, d, sizes, k, key, activation=True, path="auto"):
+  """The heterogeneous bank behind the same dispatch as ``moe_case`` (``path``: see
+  ``run_heterogeneous_experts``); without ``activation``: its column blocks' grouped matmuls
+  only (``_matmuls_only``)."""
   e = len(sizes)
   idx, w = routing(t, e, k, "balanced")
   keys = iter(jax.random.split(key, 2 * len(sizes) + 1))
@@ -180,36 +181,60 @@ def hmoe_case(t, d, sizes, k, key, activation=True):
   def forward(p, x, idx, w):
     plan = plan_dropless(idx, e)
     xs = dispatch(x, plan)
-    ys = (run_heterogeneous_experts(p, xs, plan.group_sizes, sizes, backend="xla", dtype=x.dtype)
+    ys = (run_heterogeneous_experts(p, xs, plan.group_sizes, sizes, backend="xla", dtype=x.dtype,
+                                    path=path)
           if activation else _matmuls_only(p, xs, plan.group_sizes, sizes))
     return combine(ys, plan, w)
-  return jax_case("heterogeneous" if activation else "heterogeneous, matmuls only", forward,
-                  (wis, wos), x, jnp.asarray(idx), jnp.asarray(w))
+  name = ("heterogeneous" + ("" if path == "auto" else f" ({path})") if activation
+          else "heterogeneous, matmuls only")
+  return jax_case(name, forward, (wis, wos), x, jnp.asarray(idx), jnp.asarray(w))
+
+
+# Layer 1 of the default model (DeepSeekMoE, 63 routed experts of 64 units, top-7) trained 500
+# steps on TinyShakespeare, after `python -m moejax.compress --method=neuron --keep=0.5`
+# (HEAPr): 7 distinct sizes, sum 1992 (experiments/results/bench_hmoe/).
+HEAPR_SIZES = (56,) * 4 + (48,) * 11 + (40,) * 13 + (32,) * 14 + (24,) * 5 + (16,) * 7 + (8,) * 9
+HEAPR = (4096, 128, 7)   # T, D (the default model's), k
+
+
+def hmoe_cases(name, t, d, sizes, k, key):
+  """(cases, meta) of one size list: the homogeneous layer of the same routed FLOPs (mean size),
+  the heterogeneous bank on each path, one bank padded to the largest size."""
+  e, f = len(sizes), int(round(sum(sizes) / len(sizes)))
+  cases = [moe_case(t, d, f, e, k, "balanced", "xla", key),
+           hmoe_case(t, d, sizes, k, key, path="fused"),
+           hmoe_case(t, d, sizes, k, key, path="blocks"),
+           moe_case(t, d, max(sizes), e, k, "balanced", "xla", key)]
+  cases[0].impl, cases[3].impl = "homogeneous", "padded to max"
+  if _HMOE_PROFILE.value:
+    cases += [hmoe_case(t, d, sizes, k, key, activation=False),
+              hmoe_case(t, d, (f,) * e, k, key, activation=False)]
+    cases[-1].impl = "homogeneous, matmuls only"
+  return cases, {"ladder": name, "sizes": list(sizes), "T": t, "D": d, "E": e, "k": k}
 
 
 def run_hmoe(repeats):
-  """Each ladder: heterogeneous vs homogeneous of the same routed FLOPs vs padded to H_max."""
+  """Each ladder and a HEAPr-pruned layer: heterogeneous (fused per size, column blocks) vs the
+  homogeneous layer of the same routed FLOPs vs padded to H_max."""
   t, d, f, e, k = HMOE
   if _QUICK.value:
     t, d, f = t // 8, d // 4, f // 4
   key, out = jax.random.key(0), []
-  for ladder in LADDERS[:1] if _QUICK.value else LADDERS:
-    sizes = expert_size_ladder(ladder, e, e * f)
-    cases = [moe_case(t, d, f, e, k, "balanced", "xla", key), hmoe_case(t, d, sizes, k, key),
-             moe_case(t, d, max(sizes), e, k, "balanced", "xla", key)]
-    cases[0].impl, cases[2].impl = "homogeneous", "padded to max"
-    if _HMOE_PROFILE.value:
-      cases += [hmoe_case(t, d, sizes, k, key, activation=False),
-                hmoe_case(t, d, (f,) * e, k, key, activation=False)]
-      cases[-1].impl = "homogeneous, matmuls only"
+  setups = [(ladder, t, d, expert_size_ladder(ladder, e, e * f), k)
+            for ladder in (LADDERS[:1] if _QUICK.value else LADDERS)]
+  ht, hd, hk = HEAPR
+  setups.append(("HEAPr-pruned default model", ht // 8 if _QUICK.value else ht, hd, HEAPR_SIZES,
+                 hk))
+  for name, tt, dd, sizes, kk in setups:
+    cases, meta = hmoe_cases(name, tt, dd, sizes, kk, key)
     sec = measure(cases, repeats)
     rows = [{"impl": c.impl, "seconds": sec[c.impl], "x_homogeneous": sec["homogeneous"] /
              sec[c.impl], "peak_bytes": c.peak_bytes} for c in cases]
-    out.append({"ladder": ladder, "sizes": list(sizes), "T": t, "D": d, "E": e, "k": k,
-                "rows": rows})
-    print(f"\nHMoE {ladder} sizes {list(sizes)} (T={t} D={d} k={k}, balanced):")
+    out.append({**meta, "rows": rows})
+    print(f"\nHMoE {name} sizes {sorted(set(sizes), reverse=True)} (E={meta['E']} T={tt} "
+          f"D={dd} k={kk}, balanced):")
     for r in rows:
-      print(f"  {r['impl']:15s} {r['seconds'] * 1e3:8.1f} ms  {r['x_homogeneous']:5.2f}x "
+      print(f"  {r['impl']:25s} {r['seconds'] * 1e3:8.1f} ms  {r['x_homogeneous']:5.2f}x "
             f"homogeneous  peak {r['peak_bytes'] / 2**20:7.1f} MiB", flush=True)
   return out
 
@@ -373,18 +398,17 @@ def run_shape(name, t, d, f, e, k, kind, repeats):
 
 
 def hmoe_table(hmoe) -> list[str]:
-  lines = ["", f"Heterogeneous experts (E={hmoe[0]['E']} k={hmoe[0]['k']} T={hmoe[0]['T']} "
-           f"D={hmoe[0]['D']}, balanced routing), speed x the homogeneous layer of the same "
-           "routed FLOPs, and compiled peak memory:", "",
-           "| ladder | sizes | heterogeneous | padded to max |", "|---|---|---|---|"]
+  lines = ["", "Heterogeneous experts (balanced routing), speed x the homogeneous layer of the same "
+           "routed FLOPs (its experts of the mean size), and compiled peak memory:", "",
+           "| sizes | E, k, T, D | distinct sizes | fused per size (CPU default) | column blocks | "
+           "padded to max | homogeneous |", "|---|---|---|---|---|---|---|"]
   for h in hmoe:
     by = {r["impl"]: r for r in h["rows"]}
     cell = lambda r: f"{r['x_homogeneous']:.2f}x, {r['peak_bytes'] / 2**20:.0f} MiB"
-    lines.append(f"| {h['ladder']} | {h['sizes']} | {cell(by['heterogeneous'])} | "
-                 f"{cell(by['padded to max'])} |")
-  h0 = {r["impl"]: r for r in hmoe[0]["rows"]}["homogeneous"]
-  lines.append(f"\nHomogeneous layer: {h0['seconds'] * 1e3:.1f} ms, "
-               f"{h0['peak_bytes'] / 2**20:.0f} MiB peak.")
+    lines.append(f"| {h['ladder']} | {h['E']}, {h['k']}, {h['T']}, {h['D']} | "
+                 f"{len(set(h['sizes']))} | {cell(by['heterogeneous (fused)'])} | "
+                 f"{cell(by['heterogeneous (blocks)'])} | {cell(by['padded to max'])} | "
+                 f"{by['homogeneous']['seconds'] * 1e3:.0f} ms |")
   return lines
 
 

@@ -17,8 +17,12 @@ arithmetic ladders, 3 on its hybrid one). Members of a block are consecutive exp
 sizes are listed largest first (the ladders are): one gmm per block; any other order still
 works, at one gmm per run of consecutive members.
 
-Measured against one bank padded to the widest expert (experiments/bench_moe.py --hmoe,
-docs/experts.md "Heterogeneous experts": 1.15-3x faster than padding). Not chosen, by reasoning rather
+On the CPU path the column blocks are not run block by block: each run of same-size experts is
+reassembled (a weight copy) and computed by one fused SwiGLU tile loop (ops/grouped_swiglu.py),
+all runs writing one output, so nothing scales with rows x sizes (measured 1.2-1.4x the
+homogeneous layer on the paper's ladders and a HEAPr-pruned layer, against 0.5-1.05x block by
+block: experiments/bench_moe.py, docs/experts.md "Heterogeneous experts"). The Pallas kernels
+(GPU, TPU) run the blocks. Not chosen, by reasoning rather
 than measurement: one gmm per size class with each class's own intermediate (activation memory
 grows with the number of classes: M x the sum of the class widths), and a gmm over fixed-width
 column tiles (many narrow matmuls for the widest expert, and rounding of the small ones). Also
@@ -41,7 +45,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.errors import ConfigError
 from moejax.layers.dense import kernel_init, swiglu
-from moejax.ops.grouped_matmul import gmm
+from moejax.ops.grouped_matmul import gmm, resolve_backend
+from moejax.ops.grouped_swiglu import grouped_swiglu
 
 Array = jax.Array
 
@@ -129,13 +134,50 @@ def local_sizes(sizes, num_local: int) -> tuple[int, ...]:
   return local
 
 
+def size_runs(sizes) -> list[tuple[int, int]]:
+  """Maximal runs of consecutive experts of one size: (first expert, count)."""
+  out = []
+  for i, h in enumerate(sizes):
+    if out and sizes[out[-1][0]] == h and out[-1][0] + out[-1][1] == i:
+      out[-1] = (out[-1][0], out[-1][1] + 1)
+    else:
+      out.append((i, 1))
+  return out
+
+
+def run_weights(weights, sizes, first: int, count: int) -> tuple[Array, Array]:
+  """The full weights (wi [count, D, 2, h], wo [count, h, D]) of experts first .. first+count-1,
+  all of size h, from the column blocks (their positions in each block are consecutive)."""
+  wis, wos = weights
+  parts = [(wi[b.members.index(first):b.members.index(first) + count],
+            wo[b.members.index(first):b.members.index(first) + count])
+           for b, wi, wo in zip(column_blocks(sizes), wis, wos) if first in b.members]
+  return (jnp.concatenate([a for a, _ in parts], axis=-1),
+          jnp.concatenate([b for _, b in parts], axis=1))
+
+
 def run_heterogeneous_experts(weights, xs: Array, group_sizes: Array, sizes, *,
-                              backend: str = "auto", dtype=jnp.float32) -> Array:
+                              backend: str = "auto", dtype=jnp.float32,
+                              path: str = "auto") -> Array:
   """rows [M, D] grouped by expert -> [M, D]; weights = (wi blocks, wo blocks), block j:
-  wi [E_j, D, 2, w_j], wo [E_j, w_j, D] for the E_j members of ``column_blocks(sizes)[j]``."""
+  wi [E_j, D, 2, w_j], wo [E_j, w_j, D] for the E_j members of ``column_blocks(sizes)[j]``.
+
+  ``path``: "blocks" runs each column block as one grouped matmul per projection (every
+  backend; the Pallas kernels' path); "fused" (CPU "xla" backend only) runs each run of
+  same-size experts as one fused tile loop (ops/grouped_swiglu.py) writing its rows into one
+  shared output, so no [M, .] pass exists per size; "auto" picks "fused" on the CPU path."""
   wis, wos = weights
   sizes = local_sizes(sizes, group_sizes.shape[0])
   xs = xs.astype(dtype)
+  if path not in ("auto", "fused", "blocks"):
+    raise ValueError(f"path={path!r}; allowed: 'auto', 'fused', 'blocks'")
+  if path == "fused" and resolve_backend(backend) != "xla":
+    raise ValueError(f"path='fused' is the CPU tile loop; gmm backend {backend!r} runs 'blocks'")
+  if path == "fused" or (path == "auto" and resolve_backend(backend) == "xla"):
+    runs = size_runs(sizes)
+    classes = [tuple(w.astype(dtype) for w in run_weights(weights, sizes, first, count))
+               for first, count in runs]
+    return grouped_swiglu(xs, classes, group_sizes, offsets=[first for first, _ in runs])
   y = None
   for blk, wi, wo in zip(column_blocks(sizes), wis, wos):
     d, w = wi.shape[1], blk.width
