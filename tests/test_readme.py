@@ -398,6 +398,27 @@ def test_decode_benchmark_command(tmp_path):
   assert "small-batch MoE path" in text and "of the bound" in text and "absorbed speed-up" in text
 
 
+COMPRESSION_CMD = ("python experiments/compare_compression.py "
+                   "--data_path=../shared/data/tinyshakespeare.txt "
+                   "--other_path=../shared/data/wikitext2_valid.txt")
+BENCH_COMPRESS = "python experiments/bench_compress.py --num_layers=16 --method=frequency"
+
+
+@pytest.mark.slow
+@runs(COMPRESSION_CMD, BENCH_COMPRESS)
+def test_compression_experiment_and_benchmark_commands(tmp_path):
+  other = "" if os.path.isfile(SHARED_TINYSHAKESPEARE) else "--other_path=generated"
+  out, text = _run_experiment(COMPRESSION_CMD, f"--quick --steps=4 --seeds=0,1 --keeps=0.5 "
+                              f"--methods=frequency,neuron --finetune_steps=2 "
+                              f"--calibration_tokens=128 --eval_tokens=128 {other}", tmp_path)
+  assert "| neuron | " in text and "HEAPr: neuron-level vs expert-level" in text, out
+  assert os.path.isfile(tmp_path / "out" / "compression.png")
+  out = _run(f"{BENCH_COMPRESS} --quick --tokens=256 --out_dir={tmp_path / 'bench'} "
+             f"--work_root={tmp_path / 'bench_work'}", ROOT)
+  result = json.load(open(tmp_path / "bench" / "results.json"))
+  assert result["peak_rss_bytes"] > 0 and result["compressed_bytes"] < result["model_bytes"]
+
+
 BENCH_MOH = "python experiments/bench_moh.py"
 BENCH_MERGE = "python experiments/bench_merge.py"
 
@@ -427,8 +448,11 @@ def test_bench_smoke(tmp_path):
                                                  "zipf(1.2) E16 k2 F1024"], out
   assert all(r["x_dense"] > 0 for s in res["shapes"] for r in s["rows"])
   hmoe = res["hmoe"]
-  assert [h["ladder"] for h in hmoe] == ["geometric"]       # --quick: the ladder of most blocks
+  # --quick: the ladder of most blocks, and the HEAPr-pruned layer; both paths of each
+  assert [h["ladder"] for h in hmoe] == ["geometric", "HEAPr-pruned default model"]
   assert all(r["seconds"] > 0 for h in hmoe for r in h["rows"])
+  assert {r["impl"] for r in hmoe[1]["rows"]} >= {"heterogeneous (fused)",
+                                                  "heterogeneous (blocks)", "homogeneous"}
 
 
 def test_bench_kernels_smoke(tmp_path):

@@ -53,20 +53,18 @@ def _source_tokens(source: str, config, split: str) -> np.ndarray:
 
 
 def load_params(workdir: str):
-  """(SavedModel, parameters) of a workdir's latest checkpoint: parameters only, no optimizer
-  state (a third of what a Trainer restores)."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-
+  """(SavedModel, parameters) of a workdir's latest checkpoint: parameters only (no optimizer
+  state), read one array at a time straight into device arrays, so the peak is the model plus
+  one array (not a NumPy copy of the model beside the one the forward pass needs)."""
   from moejax.convert.hf import SavedModel
-  from moejax.train.checkpoint import _handler
+  from moejax.train.checkpoint import tree_set
   saved = SavedModel(workdir)
-  item = {"params": saved.shapes}
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  out = _handler().restore(epath.Path(saved._ckpt.item_dir(saved.step)),
-                           args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                       partial_restore=True))
-  return saved, jax.tree.map(lambda x: np.asarray(x, np.float32), out["params"])
+  params: dict = {}
+  for path in saved.paths():
+    leaf = saved.leaf(path)
+    tree_set(params, tuple(path), jax.device_put(leaf))
+    del leaf
+  return saved, params
 
 
 def eval_loss(model, params, windows: np.ndarray, batch_size: int = 8) -> float:
