@@ -79,14 +79,17 @@ def eval_loss(model, params, windows: np.ndarray, batch_size: int = 8) -> float:
 
 
 def sizes(model, params) -> dict:
+  """Parameters and bytes, total and active per token (a token reads its routed experts only;
+  inactive bytes counted at the routed experts' dtype)."""
   from moejax.analysis.params import param_counts
   total, active = param_counts(model, params)
-  leaves = jax.tree.leaves(params)
-  routed = sum(int(np.asarray(v).size) for p, v in
-               jax.tree_util.tree_flatten_with_path(params)[0]
-               if "experts" in [getattr(k, "key", "") for k in p])
-  return {"params": int(total), "active_params": int(active), "routed_expert_params": routed,
-          "bytes": int(sum(x.size * x.dtype.itemsize for x in leaves))}
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  experts = [v for p, v in flat if "experts" in [getattr(k, "key", "") for k in p]]
+  itemsize = experts[0].dtype.itemsize if experts else 4
+  nbytes = int(sum(v.size * v.dtype.itemsize for _, v in flat))
+  return {"params": int(total), "active_params": int(active),
+          "routed_expert_params": int(sum(v.size for v in experts)), "bytes": nbytes,
+          "active_bytes": nbytes - int(total - active) * itemsize}
 
 
 def _layer_summary(plan, overrides) -> dict:
@@ -189,7 +192,8 @@ def report_lines(report: dict) -> list[str]:
            f"{a['sizes']['active_params']:,}; routed experts "
            f"{b['sizes']['routed_expert_params']:,} -> {a['sizes']['routed_expert_params']:,} "
            f"({frac('routed_expert_params'):.1%}); bytes {b['sizes']['bytes']:,} -> "
-           f"{a['sizes']['bytes']:,}"]
+           f"{a['sizes']['bytes']:,}, active per token {b['sizes']['active_bytes']:,} -> "
+           f"{a['sizes']['active_bytes']:,}"]
   for s in b["loss"]:
     lines.append(f"validation loss on {s}: {b['loss'][s]:.4f} -> {a['loss'][s]:.4f} "
                  f"({a['loss'][s] - b['loss'][s]:+.4f})")
