@@ -39,6 +39,10 @@ class Entry:
   # in every block of `block` output rows, rows offset..offset+d_rope-1 hold RoPE pairs
   # (x0, x1), (x2, x3), ... that moejax's rotate-half layout wants as (x0, x2, ..| x1, x3, ..).
   rope: tuple[int, int, int] | None = None
+  # Export of merged experts (model.moe.layer_overrides expert_map): HF has one expert per
+  # router output, HF expert i being the moejax bank's expert experts[i] (a merged expert
+  # written once per member, so transformers' routing equals the folded router exactly).
+  experts: tuple[int, ...] | None = None
 
 
 def _rope_perm(n_rows: int, rope) -> np.ndarray:
@@ -92,6 +96,8 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 
 def hf_shapes(entry: Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
   """The HF tensor shapes an entry expects for a moejax parameter of ``shape``."""
+  if entry.experts is not None:
+    shape = (len(entry.experts),) + tuple(shape[1:])
   if entry.kind == "embed":
     return [shape]
   if entry.kind == "copy":
@@ -184,15 +190,17 @@ def table(fam: Family, cfg, rope_interleave: bool = False) -> list[Entry]:
               Entry((mx, "attn", "key_norm", "scale"), (a + "k_norm.weight",), "copy")]
     gate, up, down = fam.expert_names
     if cfg.is_moe_layer(i):
-      m, s = hf + fam.moe_prefix + ".", cfg.moe
-      ex = lambda n: tuple(f"{m}experts.{e}.{n}.weight" for e in range(s.num_routed))
+      m, s = hf + fam.moe_prefix + ".", cfg.moe_spec(i)
+      ex = lambda n: tuple(f"{m}experts.{e}.{n}.weight" for e in range(s.router_experts))
+      emap = s.expert_map or None
       if s.router == "sigmoid":
         out.append(Entry((mx, "moe", "router", "selection_bias"),
                          (m + "gate.e_score_correction_bias",), "copy"))
       out += [Entry((mx, "moe", "router", "kernel"), (m + "gate.weight",), "linear"),
               Entry((mx, "moe", "experts", "wi"),
-                    tuple(t for pair in zip(ex(gate), ex(up)) for t in pair), "gate_up"),
-              Entry((mx, "moe", "experts", "wo"), ex(down), "down")]
+                    tuple(t for pair in zip(ex(gate), ex(up)) for t in pair), "gate_up",
+                    experts=emap),
+              Entry((mx, "moe", "experts", "wo"), ex(down), "down", experts=emap)]
       if s.num_shared_experts:
         sh = f"{m}{fam.shared_prefix}."
         out += [Entry((mx, "moe", "shared", "wi"),
@@ -258,9 +266,9 @@ def check_exportable(fam: Family, cfg) -> None:
       (not s.heterogeneous and not any(sp.heterogeneous for _, sp in cfg.moe_layers),
        "model.moe.expert_sizes", "HF families have experts of one size (use --to=torch for "
        "heterogeneous experts, e.g. after neuron pruning)"),
-      (not any(sp.expert_map for _, sp in cfg.moe_layers), "model.moe.layer_overrides",
-       "merged experts fold several router outputs onto one expert, which HF families cannot "
-       "express (use --to=torch)"),
+      (len({cfg.moe_spec(i).router_experts for i in cfg.moe_layer_ids}) == 1,
+       "model.moe.layer_overrides", "HF families route over one number of experts in every "
+       "layer"),
       (s.merge == "none" and s.iterations == 1, "model.moe.merge/iterations",
        "soft merging and Chain-of-Experts have no HF counterpart"),
       (fam.default_renormalize is None or s.renormalize == fam.default_renormalize,

@@ -248,6 +248,8 @@ def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str =
   try:
     for entry in _progress(table, f"export {fam.name}", progress):
       value = saved.leaf(entry.path)
+      if entry.experts is not None:     # merged experts: one HF expert per router output
+        value = value[np.asarray(entry.experts)]
       for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
         writer.add(name, np.ascontiguousarray(t).astype(jnp.dtype(dtype), copy=False))
     writer.write_file("config.json", json.dumps(config_json, indent=2))

@@ -194,7 +194,9 @@ def config_to_hf(fam: Family, cfg, hf_fields: dict | None = None, *, tied: bool 
       "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden, "hidden_act": "silu",
       "rms_norm_eps": cfg.norm_eps,
       "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      fam.experts_key: s.num_routed, "num_experts_per_tok": s.routed_k,
+      # merged experts are written once per router output (families.Entry.experts)
+      fam.experts_key: cfg.moe_spec(cfg.moe_layer_ids[0]).router_experts,
+      "num_experts_per_tok": s.routed_k,
       fam.expert_hidden_key: s.fine_hidden, "router_aux_loss_coef": s.load_balance_weight,
   }
   out.update({k: v for k, v in (hf_fields or {}).items() if k in ROUND_TRIP_FIELDS})

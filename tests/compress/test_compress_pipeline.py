@@ -98,8 +98,9 @@ def test_compressed_workdirs_sample_convert_and_fine_tune(source, tmp_path):
     export_torch(out, str(tmp_path / f"torch_{method}"), progress=False)
     assert os.path.isfile(tmp_path / f"torch_{method}" / "modeling_moejax.py")
   from moejax.convert import ConversionError, export_hf
-  with pytest.raises(ConversionError, match="merged experts|expert_sizes"):
-    export_hf(str(root / "use_merge"), str(tmp_path / "hf"), family="qwen2_moe", progress=False)
+  with pytest.raises(ConversionError, match="expert_sizes.*--to=torch"):
+    export_hf(str(root / "use_neuron"), str(tmp_path / "hf"), family="qwen2_moe",
+              progress=False)
   # fine-tuning: run.py trains the compressed workdir from its own config.json
   out = str(root / "use_merge")
   cmd = [sys.executable, "run.py", "--mode=train", f"--workdir={out}",

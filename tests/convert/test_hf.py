@@ -265,7 +265,8 @@ def test_conversions_stream_one_tensor_at_a_time(tmp_path):
 def test_pruned_import_exports_back_and_matches_transformers(tmp_path):
   """An imported Mixtral, expert-pruned by moejax.compress (5 -> 3 experts, router columns
   removed), exports as a Mixtral of 3 experts whose logits transformers computes equal to
-  moejax's compressed model's."""
+  moejax's compressed model's; merged (5 -> 3 merged experts, router folded) it exports as a
+  Mixtral of 5 experts, each merged expert written once per member, equal too."""
   from moejax.compress import compress
   hf_model("mixtral", seed=5).save_pretrained(tmp_path / "hf")
   import_hf(str(tmp_path / "hf"), str(tmp_path / "a"), progress=False)
@@ -278,4 +279,11 @@ def test_pruned_import_exports_back_and_matches_transformers(tmp_path):
   assert back.config.num_local_experts == 3 and back.config.num_experts_per_tok == 2
   tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
   check_close(hf_logits(back, tokens), moejax_logits(*restored(str(tmp_path / "pruned")),
+                                                     tokens))
+  compress(str(tmp_path / "a"), str(tmp_path / "merged"), "merge", keep=0.6,
+           calibration=str(text), calibration_tokens=512, eval_tokens=512)
+  export_hf(str(tmp_path / "merged"), str(tmp_path / "hf_merged"), progress=False)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_merged").eval()
+  assert back.config.num_local_experts == 5
+  check_close(hf_logits(back, tokens), moejax_logits(*restored(str(tmp_path / "merged")),
                                                      tokens))
