@@ -71,8 +71,8 @@ def _finetuned_losses(out: str, eval_windows: dict) -> dict:
     trainer.close()
 
 
-def collect_compression(trainer) -> dict:
-  """Every (method, keep) of one trained model (Study's ``collect``)."""
+def collect_compression(trainer, done=()) -> dict:
+  """Every (method, keep) of one trained model not in ``done`` (Study's ``collect``)."""
   trainer.save()
   config, src = trainer.config, trainer.workdir
   a, b = _source(_DATA.value), _source(_OTHER.value)
@@ -83,6 +83,8 @@ def collect_compression(trainer) -> dict:
          for k, w in zip("ab", eval_windows.values())}
   for method in _METHODS.value:
     for keep in _KEEPS.value:
+      if f"{method}_{keep}_loss_a" in done:
+        continue
       dst = os.path.join(src, "compressed", f"{method}_{keep}")
       shutil.rmtree(dst, ignore_errors=True)
       rep = moejax.compress(src, dst, method, float(keep), b if method == "domain" else a,
@@ -91,7 +93,9 @@ def collect_compression(trainer) -> dict:
       key = f"{method}_{keep}"
       out[f"{key}_loss_a"], out[f"{key}_loss_b"] = rep["after"]["loss"][a], rep["after"]["loss"][b]
       after, before = rep["after"]["sizes"], rep["before"]["sizes"]
-      out[f"{key}_kept"] = after["routed_expert_params"] / before["routed_expert_params"]
+      # routed-expert bytes kept (mixed precision: its ternary experts counted packed)
+      out[f"{key}_kept"] = (after["routed_expert_bytes_packed"]
+                            / before["routed_expert_bytes_packed"])
       out[f"{key}_seconds"] = rep["seconds"]
       if _FINETUNE.value:
         tuned = _finetuned_losses(dst, eval_windows)
@@ -113,6 +117,8 @@ def _cmp(c) -> str:
 
 
 DIRECTIONS = (("M-SMoE: merge vs frequency pruning at equal size", "merge", "frequency", "a"),
+              ("MC#: mixed precision vs frequency pruning at equal routed-expert bytes",
+               "mixed_precision", "frequency", "a"),
               ("EASY-EP: domain-calibrated (B) vs global pruning, on B", "domain", "frequency",
                "b"),
               ("HEAPr: neuron-level vs expert-level pruning at equal parameters", "neuron",
@@ -187,6 +193,17 @@ def main(argv):
   seeds = [int(s) for s in _SEEDS.value]
   study = Study({"deepseekmoe": config}, seeds, _WORK.value, collect=collect_compression)
   result = study.run(estimate=False)
+  for seed in seeds:     # methods or fractions added after the models were trained
+    done = result.get("deepseekmoe", seed).metrics
+    if all(f"{m}_{k}_loss_a" in done for m in _METHODS.value for k in _KEEPS.value):
+      continue
+    say(f"seed {seed}: measuring the methods and fractions its result does not hold yet")
+    trainer = moejax.Trainer.from_workdir(study.workdir("deepseekmoe", seed))
+    try:
+      study.add_metrics("deepseekmoe", seed, collect_compression(trainer, done))
+    finally:
+      trainer.close()
+  result = study.result()
   text = _text(result, seeds)
   report.write_results(_OUT.value, text, result.to_json())
   _plot(result, seeds, os.path.join(_OUT.value, "compression.png"))

@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.ladder_repeats = 1           # repeat a ladder per expert-parallel device (mesh.expert)
   e.parameter_penalty_weight = 0.0   # HMoE parameter penalty (paper: 0.1, replacing balance);
                                      # its f_i is count_i / (T k): a per-token frequency / k
+  e.ternary_experts = 0          # the last n routed experts ternary, the others full precision
+                                 # (mixed precision: python -m moejax.compress
+                                 # --method=mixed_precision writes it)
   # Per-layer MoE settings, as JSON {"layer": {"expert_sizes": [...], "expert_map": [...]}}:
   # written by compression (moejax/compress/), where pruning leaves layers different.
   e.layer_overrides = "{}"

@@ -1,5 +1,6 @@
 """Compression of a trained MoE into a smaller regular workdir: expert pruning (frequency,
-gate mass, task, domain), neuron-level pruning (HEAPr) and merging (M-SMoE).
+gate mass, task, domain), neuron-level pruning (HEAPr), merging (M-SMoE) and per-expert mixed
+precision (MC#).
 
   python -m moejax.compress --workdir=runs/x --out=runs/x-pruned --method=frequency --keep=0.5
   moejax.compress("runs/x", "runs/x-pruned", method="merge", keep=0.5)

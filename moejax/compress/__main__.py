@@ -17,8 +17,8 @@ from moejax.compress.methods import METHODS
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run to compress.")
 _OUT = flags.DEFINE_string("out", None, "The new workdir (must not exist).")
 _METHOD = flags.DEFINE_enum("method", None, list(METHODS),
-                            "frequency | gate_mass | task | domain | neuron | merge "
-                            "(moejax/compress/methods.py).")
+                            "frequency | gate_mass | task | domain | neuron | merge | "
+                            "mixed_precision (moejax/compress/methods.py).")
 _KEEP = flags.DEFINE_float("keep", 0.5, "Fraction of each layer's routed-expert parameters "
                            "kept, in (0, 1].")
 _CALIBRATION = flags.DEFINE_string(

@@ -52,6 +52,7 @@ def compressed_config(config: ml_collections.ConfigDict, cfg, plan: CompressionP
   spec = cfg.moe
   first = plan.layers[min(plan.layers)]
   routed = len(first.groups) if first.groups is not None else len(first.keep)
+  ternary = {"ternary_experts": first.ternary} if first.ternary else {}
   active = spec.routed_k if first.groups is not None else min(spec.routed_k, routed)
   e = config.model.moe
   new = {"num_experts": 0, "top_k": e.top_k, "segments": 1, "routed_experts": routed,
@@ -59,7 +60,8 @@ def compressed_config(config: ml_collections.ConfigDict, cfg, plan: CompressionP
          "shared_expert_hidden": spec.shared_hidden if spec.num_shared_experts else 0,
          "expert_sizes": (), "expert_size_ladder": "none", "expert_total_hidden": 0,
          "ladder_repeats": 1,
-         "layer_overrides": json.dumps({str(i): v for i, v in sorted(overrides.items()) if v})}
+         "layer_overrides": json.dumps({str(i): v for i, v in sorted(overrides.items()) if v}),
+         **ternary}
   out = config_lib.apply_overrides(config, {f"model.moe.{k}": v for k, v in new.items()})
   try:
     return config_lib.validate(out)
@@ -88,9 +90,15 @@ def check_model(cfg, method) -> None:
        "the model's experts are already merged (model.moe.layer_overrides has expert_map)"),
       (not s.null_experts or not method.merges, "merging cannot fold null experts "
                                                 "(model.moe.null_experts > 0)"),
-      (s.expert_bank == "swiglu" or not (method.merges or method.prunes_neurons),
-       "merging and neuron pruning edit full-precision SwiGLU experts "
+      (s.expert_bank == "swiglu" or not (method.merges or method.prunes_neurons
+                                         or method.quantizes),
+       "merging, neuron pruning and mixed precision edit full-precision SwiGLU experts "
        f"(model.moe.expert_bank={s.expert_bank!r})"),
+      (not s.ternary_experts, f"the model already has ternary experts (model.moe."
+                              f"ternary_experts={s.ternary_experts})"),
+      (not (method.quantizes and (s.heterogeneous or any(sp.heterogeneous
+                                                         for _, sp in cfg.moe_layers))),
+       "mixed precision needs experts of one size"),
   ]
   for ok, why in problems:
     if not ok:

@@ -26,6 +26,17 @@ Expert pruning keeps, per layer, the n = max(1, round(keep x E)) experts of high
              multiple of ``neuron_multiple`` units (at least one multiple), so experts become
              heterogeneous and run on the HMoE bank.
   merge      M-SMoE (moejax/compress/merge.py): n = round(keep x E) merged experts.
+
+  mixed_precision  MC# ("Mixture Compressor for Mixture-of-Experts Large Models", 2025): its
+             pre-loading mixed-precision quantisation allocates bits per expert by a linear
+             program over expert significance and quantisation error. With two widths, full
+             (32 bits) and ternary (2 bits when packed), and experts of one size, that program
+             (minimise sum over ternary experts of m_e err_e under the byte budget) is solved
+             exactly by keeping at full precision the n_full experts of largest m_e err_e,
+             m_e the gate mass and err_e = ||W - Q(W)||^2 / ||W||^2 the expert's relative ternary
+             error; n_full = floor(E (32 keep - 2) / 30), so ``keep`` is the share of
+             routed-expert bytes with the ternary experts packed. The ternary experts run with
+             the straight-through estimator (trainable; layers/ternary.py).
 """
 from __future__ import annotations
 
@@ -54,6 +65,7 @@ class Method:
   gradients: bool = False  # calibration needs the loss gradient at each MoE output
   merges: bool = False
   prunes_neurons: bool = False
+  quantizes: bool = False
 
 
 def experts_kept(num: int, keep: float) -> int:
@@ -176,6 +188,36 @@ def _merge(layers, keep, options, name):
   return CompressionPlan(name, keep, out)
 
 
+def ternary_error(expert) -> float:
+  """||W - Q(W)||^2 / ||W||^2 over the expert's gate, up and down matrices (Q: the ternary
+  quantiser of layers/ternary.py, one scale per matrix)."""
+  wi, wo = (np.asarray(w, np.float64) for w in expert)
+  err = norm = 0.0
+  for m in (wi[:, 0], wi[:, 1], wo):
+    scale = max(np.mean(np.abs(m)), 1e-8)
+    q = np.clip(np.round(m / scale), -1, 1) * scale
+    err, norm = err + np.sum((m - q) ** 2), norm + np.sum(m ** 2)
+  return err / max(norm, 1e-30)
+
+
+def full_precision_experts(num: int, keep: float) -> int:
+  if keep < 2 / 32:
+    raise ConfigError(f"--keep={keep}: mixed precision keeps at least every expert in ternary "
+                      f"form (2 of 32 bits per weight); --keep must be >= 0.0625")
+  return min(num, int(np.floor(num * (32 * keep - 2) / 30 + 1e-9)))
+
+
+def _mixed(layers, keep, options, name):
+  out = {}
+  for i, li in layers.items():
+    n = len(li.experts)
+    scores = li.stats.gate_mass() * np.asarray([ternary_error(e) for e in li.experts])
+    full = top(scores, full_precision_experts(n, keep))
+    rest = tuple(e for e in range(n) if e not in full)
+    out[i] = LayerPlan(keep=full + rest, scores=scores, ternary=len(rest))
+  return CompressionPlan(name, keep, out)
+
+
 METHODS: dict[str, Method] = {
     "frequency": Method(_prune_by(lambda li, o: li.stats.counts())),
     "gate_mass": Method(_prune_by(lambda li, o: li.stats.gate_mass())),
@@ -183,6 +225,7 @@ METHODS: dict[str, Method] = {
     "domain": Method(_prune_by(lambda li, o: domain_score(li.stats, li.experts))),
     "neuron": Method(_neuron, gradients=True, prunes_neurons=True),
     "merge": Method(_merge, merges=True),
+    "mixed_precision": Method(_mixed, quantizes=True),
 }
 
 

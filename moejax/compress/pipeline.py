@@ -87,9 +87,23 @@ def sizes(model, params) -> dict:
   experts = [v for p, v in flat if "experts" in [getattr(k, "key", "") for k in p]]
   itemsize = experts[0].dtype.itemsize if experts else 4
   nbytes = int(sum(v.size * v.dtype.itemsize for _, v in flat))
+  routed_bytes = int(sum(v.size * v.dtype.itemsize for v in experts))
   return {"params": int(total), "active_params": int(active),
           "routed_expert_params": int(sum(v.size for v in experts)), "bytes": nbytes,
-          "active_bytes": nbytes - int(total - active) * itemsize}
+          "active_bytes": nbytes - int(total - active) * itemsize,
+          "routed_expert_bytes": routed_bytes,
+          "routed_expert_bytes_packed": routed_bytes - _ternary_saving(model.cfg, itemsize)}
+
+
+def _ternary_saving(cfg, itemsize: int) -> int:
+  """Bytes the mixed-precision ternary experts would save stored 2 bits per weight with one
+  float32 scale per output column (layers/ternary.py ``pack_bank``)."""
+  out = 0
+  for i in cfg.moe_layer_ids:
+    s = cfg.moe_spec(i)
+    d, h, n = cfg.d_model, s.fine_hidden, s.ternary_experts
+    out += n * (3 * d * h * itemsize - (3 * d * h // 4 + (2 * h + d) * 4))
+  return out
 
 
 def _layer_summary(plan, overrides) -> dict:
@@ -184,6 +198,14 @@ def compress(workdir: str, out: str, method: str, keep: float = 0.5,
   return report
 
 
+def _packed(after: dict) -> str:
+  s = after["sizes"]
+  if s["routed_expert_bytes_packed"] == s["routed_expert_bytes"]:
+    return ""
+  return (f", {s['routed_expert_bytes_packed']:,} routed-expert bytes with the ternary experts "
+          f"packed 2 bits per weight ({s['routed_expert_bytes']:,} as stored, trainable)")
+
+
 def report_lines(report: dict) -> list[str]:
   b, a = report["before"], report["after"]
   frac = lambda k: a["sizes"][k] / max(b["sizes"][k], 1)
@@ -191,7 +213,7 @@ def report_lines(report: dict) -> list[str]:
            f"({frac('params'):.1%}); active per token {b['sizes']['active_params']:,} -> "
            f"{a['sizes']['active_params']:,}; routed experts "
            f"{b['sizes']['routed_expert_params']:,} -> {a['sizes']['routed_expert_params']:,} "
-           f"({frac('routed_expert_params'):.1%}); bytes {b['sizes']['bytes']:,} -> "
+           f"({frac('routed_expert_params'):.1%}){_packed(a)}; bytes {b['sizes']['bytes']:,} -> "
            f"{a['sizes']['bytes']:,}, active per token {b['sizes']['active_bytes']:,} -> "
            f"{a['sizes']['active_bytes']:,}"]
   for s in b["loss"]:

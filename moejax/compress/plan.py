@@ -15,12 +15,14 @@ class LayerPlan:
   groups:  per merged expert, its members with the dominant expert first (merging), else None
   weights: per merged expert, the members' merge weights (summing to 1), else None
   scores:  the importance the decision ranked by (per expert, or per hidden unit [E, h])
+  ternary: the last ``ternary`` experts of ``keep`` become ternary (mixed precision)
   """
   keep: tuple[int, ...]
   neurons: tuple[np.ndarray, ...] | None = None
   groups: tuple[tuple[int, ...], ...] | None = None
   weights: tuple[np.ndarray, ...] | None = None
   scores: np.ndarray | None = None
+  ternary: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,12 @@ def quantize_activations(x, bits=8):
   return torch.clamp(torch.round(x * s), -top - 1, top) / s
 
 
+def ternary_weights(w, dims):
+  """Ternary weights from latent ones: one scale mean|w| per matrix (over ``dims``)."""
+  scale = w.abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+  return torch.clamp(torch.round(w / scale), -1, 1) * scale
+
+
 def unpack_planes(packed, k):
   """uint8 [E, P, N] in the K-planar 2-bit layout (moejax's ternary kernels and packed
   workdirs) -> codes [E, k, N] in {-1, 0, 1}: plane q holds rows q*P .. q*P + P - 1 in bits
@@ -224,15 +230,21 @@ class MoejaxForCausalLM(torch.nn.Module):
     emap = self.layer_moe(L).get("expert_map")
     if emap:    # merged experts: router output i runs expert emap[i] (moejax/layers/folding.py)
       index = torch.where(index >= 0, torch.tensor(emap)[index.clamp(min=0)], index)
+    # mixed precision: the last ternary_experts experts are ternary (latent weights exported)
+    first_ternary = len(wi) - self.layer_moe(L).get("ternary_experts", 0)
     y = torch.zeros_like(x)
     for e in range(len(wi)):
       tok, slot = torch.nonzero(index == e, as_tuple=True)
       if tok.numel() == 0:
         continue
-      xs = quantize_activations(x[tok]) if ternary else x[tok]
-      h = torch.einsum("td,dch->tch", xs, wi[e])
+      q = ternary or e >= first_ternary
+      w_in, w_out = wi[e], wo[e]
+      if e >= first_ternary and not ternary:
+        w_in, w_out = ternary_weights(w_in, (0, 2)), ternary_weights(w_out, (0, 1))
+      xs = quantize_activations(x[tok]) if q else x[tok]
+      h = torch.einsum("td,dch->tch", xs, w_in)
       h = F.silu(h[:, 0]) * h[:, 1]
-      out = (quantize_activations(h) if ternary else h) @ wo[e]
+      out = (quantize_activations(h) if q else h) @ w_out
       y.index_add_(0, tok, out * weight[tok, slot, None])
     return y
 

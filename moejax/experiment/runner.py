@@ -306,6 +306,16 @@ class Study:
         raise RuntimeError(f"{res.config} and {name} saw different batches at seed {res.seed}: "
                            f"the paired comparison would be invalid")
 
+  def add_metrics(self, name: str, seed: int, metrics: dict) -> RunResult:
+    """Adds ``metrics`` to a finished run's saved result (measurements added to a study after
+    its models were trained, e.g. a new method applied to them); returns the updated run."""
+    res = self.load(name, seed)
+    if res is None:
+      raise ValueError(f"{name} seed {seed} has no finished result to add metrics to")
+    res.metrics.update(metrics)
+    _write_json(os.path.join(self.workdir(name, seed), RESULT_FILE), dataclasses.asdict(res))
+    return res
+
   def result(self) -> "StudyResult":
     done = [r for n, s in self.runs() if (r := self.load(n, s)) is not None]
     return StudyResult(list(self.configs), list(self.seeds), done, self.paired)

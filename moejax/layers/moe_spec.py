@@ -9,6 +9,7 @@ from flax import linen as nn
 from moejax.errors import ConfigError
 from moejax.layers.heterogeneous import HeterogeneousSwiGLUExperts, expert_size_ladder
 from moejax.layers.moe_rules import EXPERT_BANKS, check_moe_fields
+from moejax.layers.ternary import MixedTernarySwiGLUExperts
 
 
 # Fields set per MoE layer only (model.moe.layer_overrides), never globally in the config.
@@ -95,6 +96,9 @@ class MoESpec:
   # and expert_map[i] names the bank expert that router output i runs (layers/folding.py);
   # () = identity. Set per layer by compression (model.moe.layer_overrides).
   expert_map: tuple = ()
+  # Mixed precision (MC#-style, moejax/compress/methods.py): the last n routed experts run with
+  # ternary weights and 8-bit activations, the others at full precision (swiglu bank only).
+  ternary_experts: int = 0
 
   def __post_init__(self):
     # Lists from JSON configs become tuples: the spec is hashable and compares by value.
@@ -184,6 +188,9 @@ class MoESpec:
     if self.heterogeneous:
       return HeterogeneousSwiGLUExperts(self.routed_sizes, d_model, dtype, self.gmm_backend,
                                         name=name)
+    if self.ternary_experts:
+      return MixedTernarySwiGLUExperts(self.num_routed, d_model, self.fine_hidden, dtype,
+                                       self.gmm_backend, ternary=self.ternary_experts, name=name)
     return EXPERT_BANKS[self.expert_bank](self.num_routed, d_model, self.fine_hidden, dtype,
                                           self.gmm_backend, name=name)
 

@@ -121,6 +121,44 @@ def run_ternary_experts(weights, xs: Array, group_sizes: Array, *, backend: str 
   return gmm(act, wo_q, group_sizes, backend=backend)
 
 
+def run_mixed_experts(weights, xs: Array, group_sizes: Array, ternary: int, *,
+                      backend: str = "auto", dtype=jnp.float32) -> Array:
+  """Experts 0 .. E-n-1 at full precision, the last n = ``ternary`` as ``run_ternary_experts``
+  (ternary weights, 8-bit activations, STE): two grouped-matmul pairs over their own experts'
+  rows (``group_offset``), summed."""
+  wi, wo = weights
+  e, d, _, h = wi.shape
+  full = e - ternary
+  if group_sizes.shape[0] != e:
+    raise ValueError("mixed-precision experts (model.moe.ternary_experts) run on one device's "
+                     "experts only: expert parallelism would split the full and ternary ranges")
+  y = jnp.zeros((xs.shape[0], wo.shape[-1]), dtype)
+  xs = xs.astype(dtype)
+  if full:
+    up = gmm(xs, wi[:full].astype(dtype).reshape(full, d, 2 * h), group_sizes, backend=backend)
+    y = y + gmm(swiglu(up.reshape(-1, 2, h)), wo[:full].astype(dtype), group_sizes,
+                backend=backend)
+  if ternary:
+    wi_q = quantize_weights(wi[full:].astype(dtype), WI_AXES).reshape(ternary, d, 2 * h)
+    up = gmm(quantize_activations(xs), wi_q, group_sizes, group_offset=full, backend=backend)
+    act = quantize_activations(swiglu(up.reshape(-1, 2, h)))
+    y = y + gmm(act, quantize_weights(wo[full:].astype(dtype), WO_AXES), group_sizes,
+                group_offset=full, backend=backend)
+  return y
+
+
+class MixedTernarySwiGLUExperts(SwiGLUExperts):
+  """``SwiGLUExperts`` whose last ``ternary`` experts run ternary (MC#-style mixed precision:
+  moejax/compress/methods.py). Same parameters as the full-precision bank (latent weights, so
+  it trains with the straight-through estimator like ``TernarySwiGLUExperts``)."""
+  ternary: int = 0
+  run_gathered = None          # the small-batch form would run every expert at full precision
+
+  def run(self, weights, xs, group_sizes):
+    return run_mixed_experts(weights, xs, group_sizes, self.ternary, backend=self.gmm_backend,
+                             dtype=self.dtype)
+
+
 class TernarySwiGLUExperts(SwiGLUExperts):
   """``SwiGLUExperts`` whose ``run`` uses ternary weights and 8-bit activations (QAT)."""
   run_gathered = None          # no small-batch form: inference keeps the grouped path

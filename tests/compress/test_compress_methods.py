@@ -58,6 +58,30 @@ def test_frequency_pruning_removes_exactly_the_least_used_experts():
   assert plan.layers[0].keep == (1,)
 
 
+def test_mixed_precision_keeps_the_largest_significance_times_error_at_full_precision():
+  rng = np.random.default_rng(8)
+  experts = _experts(rng, 8)
+  ids = np.repeat(np.arange(8), [1, 9, 2, 8, 3, 7, 4, 6])
+  stats = _stats(rng, np.stack([ids, ids], 1), gate=np.ones((len(ids), 2)), num_experts=8)
+  err = np.asarray([methods.ternary_error(e) for e in experts])
+  want_scores = stats.gate_mass() * err
+  plan = methods.make_plan("mixed_precision", {0: methods.LayerInput(stats, experts, None)}, 0.5)
+  lp = plan.layers[0]
+  n_full = int(np.floor(8 * (32 * 0.5 - 2) / 30))              # 3 of 8 at full precision
+  assert lp.ternary == 8 - n_full and sorted(lp.keep) == list(range(8))
+  assert set(lp.keep[:n_full]) == set(np.argsort(-want_scores)[:n_full])
+  np.testing.assert_allclose(lp.scores, want_scores)
+  # the relative ternary error against its definition, per matrix scale
+  wi, wo = (w.astype(np.float64) for w in experts[0])
+  num = den = 0.0
+  for m in (wi[:, 0], wi[:, 1], wo):
+    q = np.clip(np.round(m / np.abs(m).mean()), -1, 1) * np.abs(m).mean()
+    num, den = num + ((m - q) ** 2).sum(), den + (m ** 2).sum()
+  np.testing.assert_allclose(err[0], num / den, rtol=1e-9)
+  with pytest.raises(ConfigError, match="must be >= 0.0625"):
+    methods.make_plan("mixed_precision", {0: methods.LayerInput(stats, experts, None)}, 0.05)
+
+
 def test_task_score_is_the_candidate_probability_mean():
   probs = np.array([[0.6, 0.3, 0.05, 0.05], [0.1, 0.2, 0.65, 0.05]], np.float32)
   stats = LayerStats(x=np.zeros((2, 3), np.float32), index=np.array([[0], [2]]),

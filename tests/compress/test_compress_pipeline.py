@@ -61,7 +61,7 @@ def test_keeping_everything_is_the_identity(source):
 
 
 @pytest.mark.parametrize("method", ["frequency", "gate_mass", "task", "domain", "neuron",
-                                    "merge"])
+                                    "merge", "mixed_precision"])
 def test_every_method_writes_a_smaller_regular_workdir(source, method):
   root, c, _, text = source
   out = str(root / method)
@@ -69,9 +69,11 @@ def test_every_method_writes_a_smaller_regular_workdir(source, method):
   before, after = report["before"], report["after"]
   assert set(before["loss"]) == set(after["loss"]) == {text, "generated"}
   assert all(np.isfinite(v) for v in after["loss"].values())
-  share = after["sizes"]["routed_expert_params"] / before["sizes"]["routed_expert_params"]
+  # routed-expert bytes, the ternary experts of mixed precision counted packed
+  share = (after["sizes"]["routed_expert_bytes_packed"]
+           / before["sizes"]["routed_expert_bytes_packed"])
   assert 0.4 <= share <= 0.6, share
-  assert after["sizes"]["bytes"] < before["sizes"]["bytes"]
+  assert (after["sizes"]["bytes"] < before["sizes"]["bytes"]) == (method != "mixed_precision")
   assert report["seconds"] > 0 and report["peak_rss_bytes"] > 0
   assert json.load(open(os.path.join(out, "compression.json")))["method"] == method
   cfg = build_model(config_lib.validate(
@@ -81,6 +83,8 @@ def test_every_method_writes_a_smaller_regular_workdir(source, method):
   elif method == "neuron":  # per-layer heterogeneous sizes, largest first
     sizes = [s.routed_sizes for _, s in cfg.moe_layers]
     assert sizes and all(list(s) == sorted(s, reverse=True) for s in sizes)
+  elif method == "mixed_precision":    # 8 experts kept: floor(8 x 14 / 30) = 3 full, 5 ternary
+    assert cfg.moe.num_routed == 8 and cfg.moe.ternary_experts == 5
   else:
     assert cfg.moe.num_routed == 4 and not cfg.moe_layers
   ev = trainer_lib.eval_only(out, {"data.eval_batches": 1})

@@ -48,6 +48,8 @@ VARIANTS = {
         "model.moe.active_experts": 2, "model.moe.expert_hidden": 32,
         "model.moe.layer_overrides": '{"0": {"expert_sizes": [48, 32, 24, 24]}, '
                                      '"1": {"expert_map": [0, 1, 2, 3, 1, 2]}}'}),
+    # mixed precision: the last 3 of 8 routed experts ternary, the others full precision
+    "mixed_precision_experts": ("deepseekmoe", {"model.moe.ternary_experts": 3}),
 }
 
 

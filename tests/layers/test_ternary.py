@@ -86,3 +86,34 @@ def test_packed_weights_are_sixteen_times_smaller_than_float32():
   packed = ternary.pack_bank(wi, wo)
   assert packed["wi_packed"].nbytes * 16 == wi.nbytes
   assert packed["wo_packed"].nbytes * 16 == wo.nbytes
+
+
+def test_mixed_precision_bank_runs_full_and_ternary_experts_by_index():
+  """The last n experts as the quantised loop above, the others as plain SwiGLU FFNs; the
+  gradient reaches every expert's latent weights (straight-through for the ternary ones)."""
+  rng = np.random.default_rng(3)
+  e, d, h, n = 4, 8, 6, 2
+  wi = rng.normal(size=(e, d, 2, h)).astype(np.float32)
+  wo = rng.normal(size=(e, h, d)).astype(np.float32)
+  sizes = np.array([3, 2, 0, 4], np.int32)
+  xs = rng.normal(size=(10, d)).astype(np.float32)
+  run = lambda wi, wo: ternary.run_mixed_experts((wi, wo), jnp.asarray(xs), jnp.asarray(sizes),
+                                                 n, backend="xla")
+  got = run(jnp.asarray(wi), jnp.asarray(wo))
+  want, start = np.zeros((10, d)), 0
+  for i, rows in enumerate(sizes):
+    x = xs[start:start + rows].astype(np.float64)
+    if i >= e - n:
+      qi, qo, x = (dequant(wi[i:i + 1], ternary.WI_AXES)[0],
+                   dequant(wo[i:i + 1], ternary.WO_AXES)[0], np_act(x))
+    else:
+      qi, qo = wi[i].astype(np.float64), wo[i].astype(np.float64)
+    g, up = x @ qi[:, 0], x @ qi[:, 1]
+    a = g / (1 + np.exp(-g)) * up
+    want[start:start + rows] = (np_act(a) if i >= e - n else a) @ qo
+    start += rows
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  gi, go = jax.grad(lambda a, b: jnp.sum(run(a, b)), argnums=(0, 1))(jnp.asarray(wi),
+                                                                    jnp.asarray(wo))
+  assert all(float(jnp.abs(gi[i]).sum()) > 0 for i in (0, 1, 3))   # expert 2 has no rows
+  assert float(jnp.abs(gi[2]).sum()) == 0
