@@ -272,6 +272,18 @@ def test_methods_refuse_what_they_cannot_do():
     apply_lib.check_model(build_model(hashed).cfg, methods.METHODS["frequency"])
 
 
+def test_ternary_experts_are_validated():
+  c = config_lib.apply_overrides(tiny_config("deepseekmoe"), DIRECT)
+  for overrides, match in [({"model.moe.ternary_experts": 9}, r"in \[0, 8\]"),
+                           ({"model.moe.ternary_experts": 2,
+                             "model.moe.expert_bank": "ternary_swiglu"}, "expert_bank='swiglu'"),
+                           ({"model.moe.ternary_experts": 2,
+                             "model.moe.expert_sizes": (24, 16, 16, 16, 16, 16, 16, 8)},
+                            "experts of one size")]:
+    with pytest.raises(ConfigError, match=match):
+      config_lib.validate(config_lib.apply_overrides(c, overrides))
+
+
 def test_layer_overrides_are_validated_naming_the_layer():
   c = config_lib.apply_overrides(tiny_config("deepseekmoe"), DIRECT)
   for overrides, match in [
