@@ -30,6 +30,7 @@ from moejax import logs  # noqa: E402
 from moejax.compress import METHODS  # noqa: E402
 from moejax.compress import pipeline  # noqa: E402
 from moejax.compress.calibration import windows  # noqa: E402
+from moejax.train.data import source_split  # noqa: E402
 from moejax.experiment import Study, report, setups, stats  # noqa: E402
 from moejax.logs import progress as say  # noqa: E402
 
@@ -77,7 +78,7 @@ def collect_compression(trainer, done=()) -> dict:
   config, src = trainer.config, trainer.workdir
   a, b = _source(_DATA.value), _source(_OTHER.value)
   seq = config.data.seq_len
-  eval_windows = {s: windows(pipeline._source_tokens(s, config, "val"), seq, _TOKENS.value, s)
+  eval_windows = {s: windows(source_split(s, config, "val"), seq, _TOKENS.value, s)
                   for s in (a, b)}
   out = {f"base_loss_{k}": pipeline.eval_loss(trainer.model, trainer.params, w)
          for k, w in zip("ab", eval_windows.values())}

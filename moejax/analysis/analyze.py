@@ -41,15 +41,12 @@ def source_name(source: str) -> str:
 
 def source_windows(source: str, config, tokens: int) -> np.ndarray:
   """[W, L] windows of the source's validation split, at most ``tokens`` tokens."""
-  from moejax.train.data import load_tokens
-  data = config.data.copy_and_resolve_references()
-  data.path = "" if source == "generated" else source
-  if source != "generated" and not os.path.isfile(source):
-    raise ConfigError(f"analyze.sources: {source!r} is not a file (give text files or "
-                      "'generated', comma-separated)")
-  ids, _ = load_tokens(data, config.seed)
-  val = ids[len(ids) - int(len(ids) * data.val_fraction):]
-  length = data.seq_len
+  from moejax.train.data import source_split
+  try:
+    val = source_split(source, config, "val")
+  except ConfigError as e:
+    raise ConfigError(f"analyze.sources: {e}") from None
+  length = config.data.seq_len
   rows = min(len(val), tokens) // length
   if rows < 2:
     raise ConfigError(f"analyze.sources: the validation split of {source!r} has {len(val)} "

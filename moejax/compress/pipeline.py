@@ -31,6 +31,7 @@ import numpy as np
 from moejax.compress import apply as apply_lib
 from moejax.compress import calibration as calib
 from moejax.compress.methods import METHODS, LayerInput, make_plan
+from moejax.train.data import source_split
 from moejax.errors import ConfigError
 from moejax.logs import progress as say
 
@@ -38,18 +39,6 @@ from moejax.logs import progress as say
 def peak_rss_bytes() -> int:
   """This process's peak resident memory so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _source_tokens(source: str, config, split: str) -> np.ndarray:
-  from moejax.train.data import load_tokens
-  data = config.data.copy_and_resolve_references()
-  data.path = "" if source == "generated" else source
-  if source != "generated" and not os.path.isfile(source):
-    raise ConfigError(f"{source!r}: not a file (give a text file, or 'generated' for the "
-                      "embedded corpus)")
-  ids, _ = load_tokens(data, config.seed)
-  cut = len(ids) - int(len(ids) * data.val_fraction)
-  return ids[:cut] if split == "train" else ids[cut:]
 
 
 def load_params(workdir: str):
@@ -148,10 +137,10 @@ def compress(workdir: str, out: str, method: str, keep: float = 0.5,
   own = config.data.path or "generated"
   cal_source = calibration or own
   seq = config.data.seq_len
-  cal_windows = calib.windows(_source_tokens(cal_source, config, "train"), seq,
+  cal_windows = calib.windows(source_split(cal_source, config, "train"), seq,
                               calibration_tokens, f"--calibration={cal_source}")
   sources = list(eval_sources or dict.fromkeys([cal_source, own]))
-  eval_windows = {s: calib.windows(_source_tokens(s, config, "val"), seq, eval_tokens,
+  eval_windows = {s: calib.windows(source_split(s, config, "val"), seq, eval_tokens,
                                    f"evaluation source {s}") for s in sources}
 
   say(f"compress {workdir} -> {out}: method {method}, keep {keep:g}, calibration "

@@ -9,6 +9,7 @@ every epoch; validation windows come from the held-out tail of the text, in orde
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import grain
 import numpy as np
@@ -86,6 +87,19 @@ def load_tokens(data_cfg, seed: int) -> tuple[np.ndarray, str]:
     return np.frombuffer(raw, np.uint8).astype(np.int32), f"{data_cfg.path} ({len(raw):,} bytes)"
   text = generate_corpus(data_cfg.corpus_bytes, seed)
   return encode(text), f"generated corpus (seed {seed}, {data_cfg.corpus_bytes:,} bytes)"
+
+
+def source_split(source: str, config, split: str) -> np.ndarray:
+  """Token ids of the training or validation split (``split``: "train" | "val") of ``source``:
+  a text file, or 'generated' (the embedded corpus), split as ``config.data`` splits its own."""
+  data = config.data.copy_and_resolve_references()
+  data.path = "" if source == "generated" else source
+  if source != "generated" and not os.path.isfile(source):
+    raise ConfigError(f"{source!r}: not a file (give a text file, or 'generated' for the "
+                      "embedded corpus)")
+  ids, _ = load_tokens(data, config.seed)
+  cut = len(ids) - int(len(ids) * data.val_fraction)
+  return ids[:cut] if split == "train" else ids[cut:]
 
 
 def make_data(data_cfg, seed: int) -> TextData:

@@ -160,5 +160,5 @@ def test_analyze_writes_traces_report_and_plots(trained, tmp_path):
   ev = trainer_lib.eval_only(trained, {"steer.capacity_factor": 0.5,
                                        "steer.overflow": "reroute"})
   assert ev["steer"]["rerouted_fraction"] > 0
-  with pytest.raises(ConfigError, match="analyze.sources: 'nope.txt' is not a file"):
+  with pytest.raises(ConfigError, match="analyze.sources: 'nope.txt': not a file"):
     moejax.analyze(trained, {"analyze.sources": "nope.txt"})
