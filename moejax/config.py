@@ -291,9 +291,8 @@ def _check_layer_overrides(config) -> None:
   _require(isinstance(table, dict), key, 'must be a JSON object {"layer": {field: value}}')
   if not table:
     return
-  e_ = config.model.moe
-  moe_layers = [i for i in range(config.model.num_layers) if i >= e_.first_dense_layers
-                and (i - e_.first_dense_layers) % e_.moe_every == 0]
+  moe_layers = [i for i in range(config.model.num_layers) if i >= e.first_dense_layers
+                and (i - e.first_dense_layers) % e.moe_every == 0]
   base = MoESpec.from_config(e)
   allowed = {"expert_sizes", "expert_map", "expert_total_hidden"}
   for layer, fields in table.items():
