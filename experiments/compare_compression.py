@@ -47,6 +47,8 @@ _CAL_TOKENS = flags.DEFINE_integer("calibration_tokens", 4096, "Calibration toke
 _TOKENS = flags.DEFINE_integer("eval_tokens", 8192, "Validation tokens per source.")
 _FINETUNE = flags.DEFINE_integer("finetune_steps", 40, "Fine-tuning steps after compression "
                                  "(on A; 0 = none).")
+_FINETUNE_LR = flags.DEFINE_float("finetune_lr", 0.0, "Peak learning rate of the fine-tune "
+                                  "(0 = the training run's own).")
 _OUT = flags.DEFINE_string("out_dir", "experiments/results/compression", "Output directory.")
 _WORK = flags.DEFINE_string("work_root", "workdir/compression", "Run directories (resumable).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batches (smoke test of the script).")
@@ -61,6 +63,7 @@ def _finetuned_losses(out: str, eval_windows: dict) -> dict:
   config = moejax.config.apply_overrides(
       moejax.train.workdir.load_config(out),
       {"train.steps": _FINETUNE.value, "train.warmup_steps": max(_FINETUNE.value // 10, 1),
+       **({"train.learning_rate": _FINETUNE_LR.value} if _FINETUNE_LR.value else {}),
        "train.eval_every": _FINETUNE.value, "train.checkpoint_every": _FINETUNE.value,
        "train.log_every": max(_FINETUNE.value // 4, 1)})
   trainer = moejax.Trainer(config, out)
@@ -134,8 +137,10 @@ def _text(result, seeds) -> str:
   lines = [f"DeepSeekMoE ({_SIZE.value}) trained {_STEPS.value} steps on A = {a}; B = {b}; "
            f"seeds {seeds}; validation loss, mean ± std over seeds. Uncompressed: A "
            f"{_mean_std(col('base_loss_a'))}, B {_mean_std(col('base_loss_b'))}. "
-           f"Fine-tuned: {_FINETUNE.value} steps on A after compression.", "",
-           "| method | expert params kept | loss A | loss B |"
+           f"Fine-tuned: {_FINETUNE.value} steps on A after compression (peak learning rate "
+           f"{_FINETUNE_LR.value or 'of the training run'}). Kept: the share of routed-expert "
+           "bytes (mixed precision: its ternary experts packed 2 bits per weight).", "",
+           "| method | routed-expert bytes kept | loss A | loss B |"
            + (" loss A fine-tuned | loss B fine-tuned |" if tuned else ""),
            "|---|---|---|---|" + ("---|---|" if tuned else "")]
   for method in _METHODS.value:
@@ -176,7 +181,7 @@ def _plot(result, seeds, path: str) -> None:
                   marker="o", label=method, capsize=2)
     base = np.mean([r[f"base_loss_{src}"] for r in runs])
     ax.axhline(base, color="grey", ls=":", label="uncompressed")
-    ax.set(xlabel="share of expert parameters kept", ylabel="validation loss",
+    ax.set(xlabel="share of routed-expert bytes kept", ylabel="validation loss",
            title=f"{os.path.basename(names[src])}{', fine-tuned' if suffix else ''}")
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
