@@ -123,21 +123,22 @@ def compressed_leaves(saved, plan: CompressionPlan, overrides_out: dict):
     in_moe = layer in plan.layers and len(path) > 2 and path[1] == "moe" and \
         path[2] in ("experts", "router")
     if not in_moe:
-      yield path, saved.leaf(path)
+      yield path, saved.leaf(path, keep_dtype=True)    # written in its stored dtype
       continue
     if layer in done:
       continue
     done.add(layer)
     spec = cfg.moe_spec(layer)
     prefix = path[:2]
-    moe = {part: {p[3]: saved.leaf(p) for p in saved.paths() if p[:3] == prefix + (part,)}
-           for part in ("experts", "router")}
+    moe = {part: {p[3]: saved.leaf(p, keep_dtype=True) for p in saved.paths()
+                  if p[:3] == prefix + (part,)} for part in ("experts", "router")}
+    dtypes = {part: next(iter(leaves.values())).dtype for part, leaves in moe.items()}
     bank, router, overrides = compress_layer(layer_experts(moe, spec), moe["router"],
                                              plan.layers[layer], spec.router_experts,
                                              cfg.moe.fine_hidden)
     overrides_out[layer] = overrides
     for name, value in router.items():
-      yield prefix + ("router", name), np.asarray(value, np.float32)
-    for name, value in bank.items():
-      yield prefix + ("experts", name), value
+      yield prefix + ("router", name), np.asarray(value).astype(dtypes["router"])
+    for name, value in bank.items():     # the source's dtype (e.g. an import kept in bfloat16)
+      yield prefix + ("experts", name), np.asarray(value).astype(dtypes["experts"])
     del moe, bank

@@ -50,7 +50,7 @@ def load_params(workdir: str):
   saved = SavedModel(workdir)
   params: dict = {}
   for path in saved.paths():
-    leaf = saved.leaf(path)
+    leaf = saved.leaf(path, keep_dtype=True)
     tree_set(params, tuple(path), jax.device_put(leaf))
     del leaf
   return saved, params

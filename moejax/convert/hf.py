@@ -216,11 +216,12 @@ class SavedModel:
   def shape(self, path) -> tuple[int, ...]:
     return tuple(_tree_get(self.shapes, path).shape)
 
-  def leaf(self, path) -> np.ndarray:
+  def leaf(self, path, *, keep_dtype: bool = False) -> np.ndarray:
+    """One parameter as float32 (or as stored, with ``keep_dtype``: packed uint8 codes)."""
     like = _tree_get(self._saved, path)
     like = jax.ShapeDtypeStruct(like.shape, like.dtype)
-    leaf = self._ckpt.read_leaf(self.step, ("params",) + tuple(path), like)
-    return np.asarray(leaf).astype(np.float32, copy=False)
+    leaf = np.asarray(self._ckpt.read_leaf(self.step, ("params",) + tuple(path), like))
+    return leaf if keep_dtype else leaf.astype(np.float32, copy=False)
 
 
 def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str = "float32",

@@ -25,10 +25,12 @@ def pack_workdir(src: str, dst: str) -> dict:
   from moejax.layers.ternary import pack_bank
   saved = SavedModel(src)
   s = saved.cfg.moe
-  if s is None or s.expert_bank != "ternary_swiglu":
+  mixed = s is not None and s.expert_bank == "swiglu" and s.ternary_experts > 0
+  if s is None or not (s.expert_bank == "ternary_swiglu" or mixed):
     raise ConversionError(f"{src}: --to=packed packs ternary experts; this model has "
                           f"model.moe.expert_bank={getattr(s, 'expert_bank', None)!r} "
-                          f"(need 'ternary_swiglu')")
+                          f"(need 'ternary_swiglu', or 'swiglu' with model.moe.ternary_experts "
+                          f"> 0: mixed precision)")
   params, full = {}, {}
   for path in saved.paths():
     leaf = np.asarray(saved.leaf(path))
@@ -36,7 +38,11 @@ def pack_workdir(src: str, dst: str) -> dict:
     if path[-3:-1] == EXPERTS and path[-1] == "wo":
       continue                                    # packed with its layer's wi below
     if path[-3:-1] == EXPERTS and path[-1] == "wi":
-      packed = pack_bank(leaf, np.asarray(saved.leaf(path[:-1] + ("wo",))))
+      wo = np.asarray(saved.leaf(path[:-1] + ("wo",)))
+      first = leaf.shape[0] - s.ternary_experts if mixed else 0   # mixed: ternary last
+      packed = pack_bank(leaf[first:], wo[first:])
+      if mixed:
+        packed = {"wi": leaf[:first], "wo": wo[:first], **packed}
       for name, value in packed.items():
         _set(params, path[:-1] + (name,), value)
       continue

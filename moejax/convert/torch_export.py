@@ -30,6 +30,10 @@ def torch_config(cfg) -> dict:
              moe=None)
   s = cfg.moe
   if s is not None:
+    if s.expert_bank == "ternary_packed" and s.ternary_experts:
+      raise ConversionError("a packed mixed-precision workdir has no PyTorch export: export the "
+                            "workdir it was packed from (its ternary experts are quantised on "
+                            "export)")
     if s.router not in ROUTERS:
       raise ConversionError(f"model.moe.router={s.router!r} has no PyTorch export yet; "
                             f"supported: {', '.join(ROUTERS)}")

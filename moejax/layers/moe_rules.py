@@ -87,10 +87,11 @@ def check_moe_fields(v, key=lambda name: f"MoESpec.{name}",
   require(isinstance(n, (int, np.integer)) and 0 <= n <= routed, "ternary_experts",
           f"must be an integer in [0, {routed}] (the routed experts), got {n!r}")
   if n:
-    require(v["expert_bank"] == "swiglu" and v["merge"] == "none" and not v["expert_sizes"]
-            and v["expert_size_ladder"] == "none", "ternary_experts",
+    require(v["expert_bank"] in ("swiglu", "ternary_packed") and v["merge"] == "none"
+            and not v["expert_sizes"] and v["expert_size_ladder"] == "none", "ternary_experts",
             f"makes the last experts of a full-precision bank ternary: it needs "
-            f"{ref('expert_bank')}='swiglu', experts of one size and no {ref('merge')}")
+            f"{ref('expert_bank')}='swiglu' (or 'ternary_packed', its packed form), experts of "
+            f"one size and no {ref('merge')}")
 
 
 def _check_expert_map(v, emap, require, ref, routed: int) -> None:

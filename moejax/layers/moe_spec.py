@@ -9,7 +9,7 @@ from flax import linen as nn
 from moejax.errors import ConfigError
 from moejax.layers.heterogeneous import HeterogeneousSwiGLUExperts, expert_size_ladder
 from moejax.layers.moe_rules import EXPERT_BANKS, check_moe_fields
-from moejax.layers.ternary import MixedTernarySwiGLUExperts
+from moejax.layers.ternary import MixedTernarySwiGLUExperts, PackedMixedExperts
 
 
 # Fields set per MoE layer only (model.moe.layer_overrides), never globally in the config.
@@ -189,8 +189,10 @@ class MoESpec:
       return HeterogeneousSwiGLUExperts(self.routed_sizes, d_model, dtype, self.gmm_backend,
                                         name=name)
     if self.ternary_experts:
-      return MixedTernarySwiGLUExperts(self.num_routed, d_model, self.fine_hidden, dtype,
-                                       self.gmm_backend, ternary=self.ternary_experts, name=name)
+      bank = (PackedMixedExperts if self.expert_bank == "ternary_packed"
+              else MixedTernarySwiGLUExperts)
+      return bank(self.num_routed, d_model, self.fine_hidden, dtype, self.gmm_backend,
+                  ternary=self.ternary_experts, name=name)
     return EXPERT_BANKS[self.expert_bank](self.num_routed, d_model, self.fine_hidden, dtype,
                                           self.gmm_backend, name=name)
 

@@ -147,6 +147,68 @@ def run_mixed_experts(weights, xs: Array, group_sizes: Array, ternary: int, *,
   return y
 
 
+def run_packed_mixed_experts(weights, xs: Array, group_sizes: Array, *, backend: str = "auto",
+                             dtype=jnp.float32) -> Array:
+  """``run_mixed_experts`` from the mixed bank's inference form: the full-precision experts'
+  wi, wo and the ternary experts' 2-bit codes + scales (``pack_bank``), ternary last."""
+  wi, wo, wi_p, wi_s, wo_p, wo_s = weights
+  full, ternary = wi.shape[0], wi_p.shape[0]
+  if group_sizes.shape[0] != full + ternary:
+    raise ValueError("mixed-precision experts (model.moe.ternary_experts) run on one device's "
+                     "experts only: expert parallelism would split the full and ternary ranges")
+  d, h = xs.shape[1], wi_s.shape[1] // 2
+  xs = xs.astype(dtype)
+  y = jnp.zeros((xs.shape[0], wo_s.shape[-1]), dtype)
+  if full:
+    up = gmm(xs, wi.astype(dtype).reshape(full, d, 2 * h), group_sizes, backend=backend)
+    y = y + gmm(swiglu(up.reshape(-1, 2, h)), wo.astype(dtype), group_sizes, backend=backend)
+  if ternary:
+    up = gmm_ternary(quantize_activations(xs), wi_p, wi_s, group_sizes, group_offset=full,
+                     backend=backend)
+    act = quantize_activations(swiglu(up.reshape(-1, 2, h)))
+    y = y + gmm_ternary(act, wo_p, wo_s, group_sizes, group_offset=full,
+                        backend=backend).astype(dtype)
+  return y
+
+
+class PackedMixedExperts(nn.Module):
+  """The mixed bank's inference form (``expert_bank=ternary_packed`` with ``ternary_experts``
+  = n > 0): full-precision wi [E-n, D, 2, H], wo [E-n, H, D] and the last n experts as 2-bit
+  codes + scales (``PACKED_NAMES``). Made by ``python -m moejax.convert --from=moejax
+  --to=packed`` from a mixed-precision workdir; like the packed ternary bank it has no
+  gradient (evaluation and sampling only)."""
+  num_experts: int
+  d_model: int
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  gmm_backend: str = "auto"
+  ternary: int = 0
+
+  def setup(self):
+    full, n, d, h = self.num_experts - self.ternary, self.ternary, self.d_model, self.hidden
+    zeros = lambda shape, dtype=jnp.float32: (lambda key: jnp.zeros(shape, dtype))
+    shapes = {"wi": (full, d, 2, h), "wo": (full, h, d), "wi_packed": (n, plane_rows(d), 2 * h),
+              "wi_scale": (n, 2 * h), "wo_packed": (n, plane_rows(h), d), "wo_scale": (n, d)}
+    self.packed = tuple(
+        self.param(name, nn.with_logical_partitioning(
+            zeros(shape, jnp.uint8 if name.endswith("packed") else jnp.float32),
+            ("expert",) + (None,) * (len(shape) - 1)))
+        for name, shape in shapes.items())
+
+  def weights(self):
+    return self.packed
+
+  def weight_specs(self):
+    return tuple(P("expert") for _ in self.packed)
+
+  def run(self, weights, xs, group_sizes):
+    return run_packed_mixed_experts(weights, xs, group_sizes, backend=self.gmm_backend,
+                                    dtype=self.dtype)
+
+  def __call__(self, xs: Array, group_sizes: Array) -> Array:
+    return self.run(self.weights(), xs, group_sizes)
+
+
 class MixedTernarySwiGLUExperts(SwiGLUExperts):
   """``SwiGLUExperts`` whose last ``ternary`` experts run ternary (MC#-style mixed precision:
   moejax/compress/methods.py). Same parameters as the full-precision bank (latent weights, so

@@ -108,6 +108,15 @@ def test_compressed_workdirs_sample_convert_and_fine_tune(source, tmp_path):
   with pytest.raises(ConversionError, match="expert_sizes.*--to=torch"):
     export_hf(str(root / "use_neuron"), str(tmp_path / "hf"), family="qwen2_moe",
               progress=False)
+  # mixed precision: packed for storage (2-bit ternary experts), the same logits, fewer bytes
+  from moejax.convert.packed import pack_workdir
+  mixed = str(root / "use_mixed")
+  compress(str(root / "src"), mixed, "mixed_precision", keep=0.5, calibration=text, **SMALL)
+  out = pack_workdir(mixed, str(tmp_path / "mixed_packed"))
+  np.testing.assert_allclose(_logits(str(tmp_path / "mixed_packed")), _logits(mixed),
+                             rtol=1e-4, atol=1e-4)
+  assert out["memory"]["routed experts"] < 0.5 * out["memory_full_precision"]["routed experts"]
+  assert trainer_lib.sample_only(str(tmp_path / "mixed_packed"), {"sample.num_tokens": 4})
   # fine-tuning: run.py trains the compressed workdir from its own config.json
   out = str(root / "use_merge")
   cmd = [sys.executable, "run.py", "--mode=train", f"--workdir={out}",

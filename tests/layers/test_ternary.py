@@ -117,3 +117,11 @@ def test_mixed_precision_bank_runs_full_and_ternary_experts_by_index():
                                                                     jnp.asarray(wo))
   assert all(float(jnp.abs(gi[i]).sum()) > 0 for i in (0, 1, 3))   # expert 2 has no rows
   assert float(jnp.abs(gi[2]).sum()) == 0
+  # its inference form (full experts as they are, ternary ones as 2-bit codes) computes the same
+  packed = ternary.pack_bank(wi[e - n:], wo[e - n:])
+  weights = (jnp.asarray(wi[:e - n]), jnp.asarray(wo[:e - n]),
+             *(jnp.asarray(packed[k]) for k in ternary.PACKED_NAMES))
+  for backend in ("xla", "reference"):
+    out = ternary.run_packed_mixed_experts(weights, jnp.asarray(xs), jnp.asarray(sizes),
+                                           backend=backend)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=backend)
