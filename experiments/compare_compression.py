@@ -110,16 +110,6 @@ def collect_compression(trainer, done=()) -> dict:
   return out
 
 
-def _mean_std(values) -> str:
-  v = np.asarray(values, np.float64)
-  return f"{v.mean():.4f} ± {v.std(ddof=1) if v.size > 1 else 0:.4f}"
-
-
-def _cmp(c) -> str:
-  return (f"{c.mean_diff:+.4f} (95% interval {c.ci[0]:+.4f} .. {c.ci[1]:+.4f}, {c.n} seeds): "
-          f"{c.verdict}")
-
-
 DIRECTIONS = (("M-SMoE: merge vs frequency pruning at equal size", "merge", "frequency", "a"),
               ("MC#: mixed precision vs frequency pruning at equal routed-expert bytes",
                "mixed_precision", "frequency", "a"),
@@ -136,7 +126,7 @@ def _text(result, seeds) -> str:
   a, b = _source(_DATA.value), _source(_OTHER.value)
   lines = [f"DeepSeekMoE ({_SIZE.value}) trained {_STEPS.value} steps on A = {a}; B = {b}; "
            f"seeds {seeds}; validation loss, mean ± std over seeds. Uncompressed: A "
-           f"{_mean_std(col('base_loss_a'))}, B {_mean_std(col('base_loss_b'))}. "
+           f"{stats.mean_std(col('base_loss_a'))}, B {stats.mean_std(col('base_loss_b'))}. "
            f"Fine-tuned: {_FINETUNE.value} steps on A after compression (peak learning rate "
            f"{_FINETUNE_LR.value or 'of the training run'}). Kept: the share of routed-expert "
            "bytes (mixed precision: its ternary experts packed 2 bits per weight).", "",
@@ -146,10 +136,10 @@ def _text(result, seeds) -> str:
   for method in _METHODS.value:
     for keep in _KEEPS.value:
       key = f"{method}_{keep}"
-      row = (f"| {method} | {np.mean(col(f'{key}_kept')):.1%} | {_mean_std(col(f'{key}_loss_a'))}"
-             f" | {_mean_std(col(f'{key}_loss_b'))} |")
+      row = (f"| {method} | {np.mean(col(f'{key}_kept')):.1%} | {stats.mean_std(col(f'{key}_loss_a'))}"
+             f" | {stats.mean_std(col(f'{key}_loss_b'))} |")
       if tuned:
-        row += f" {_mean_std(col(f'{key}_ft_loss_a'))} | {_mean_std(col(f'{key}_ft_loss_b'))} |"
+        row += f" {stats.mean_std(col(f'{key}_ft_loss_a'))} | {stats.mean_std(col(f'{key}_ft_loss_b'))} |"
       lines.append(row)
   lines += ["", "**Paper directions** (loss difference, negative = the paper's method is "
             "better):", ""]
@@ -161,7 +151,7 @@ def _text(result, seeds) -> str:
           ("", "as compressed"),):
         c = stats.compare(mine, other, col(f"{mine}_{keep}{suffix}_loss_{src}"),
                           col(f"{other}_{keep}{suffix}_loss_{src}"), metric="loss")
-        lines.append(f"- {title}, keep {keep}, {label}: {_cmp(c)}")
+        lines.append(f"- {title}, keep {keep}, {label}: {c.sentence}")
   return "\n".join(lines)
 
 

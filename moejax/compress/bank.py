@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.errors import ConfigError
-from moejax.layers.heterogeneous import column_blocks
+from moejax.layers.heterogeneous import column_blocks, expert_weights
 
 Expert = tuple[np.ndarray, np.ndarray]
 
@@ -24,15 +24,10 @@ def from_bank(bank: dict, sizes) -> list[Expert]:
   if "wi" in bank:
     wi, wo = np.asarray(bank["wi"], np.float32), np.asarray(bank["wo"], np.float32)
     return [(wi[e], wo[e]) for e in range(wi.shape[0])]
-  blocks = column_blocks(sizes)
-  wis = [np.asarray(bank[f"wi_{j}"], np.float32) for j in range(len(blocks))]
-  wos = [np.asarray(bank[f"wo_{j}"], np.float32) for j in range(len(blocks))]
-  out = []
-  for i in range(len(sizes)):
-    parts = [(wi[b.members.index(i)], wo[b.members.index(i)])
-             for b, wi, wo in zip(blocks, wis, wos) if i in b.members]
-    out.append((np.concatenate([a for a, _ in parts], -1), np.concatenate([b for _, b in parts])))
-  return out
+  j = range(len(column_blocks(sizes)))
+  weights = (tuple(bank[f"wi_{b}"] for b in j), tuple(bank[f"wo_{b}"] for b in j))
+  return [tuple(np.asarray(w, np.float32) for w in expert_weights(weights, sizes, i))
+          for i in range(len(sizes))]
 
 
 def sizes_of(experts: list[Expert]) -> tuple[int, ...]:

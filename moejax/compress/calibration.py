@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
+from moejax.analysis.traces import per_layer
 from moejax.errors import ConfigError
 
 
@@ -72,14 +72,6 @@ def _calibrate(model, params, batch, gradients: bool):
   return sown, grads
 
 
-def _by_layer(tree) -> dict[int, dict]:
-  out: dict[int, dict] = {}
-  for path, value in traverse_util.flatten_dict(tree).items():
-    layer = int(path[0].split("_")[1])
-    out.setdefault(layer, {})[path[-1]] = value
-  return out
-
-
 def collect(model, params, batches: np.ndarray, *, gradients: bool = False,
             batch_size: int = 8, progress=None) -> dict[int, LayerStats]:
   """{MoE layer: LayerStats} over the windows ``batches`` [W, L+1]."""
@@ -90,12 +82,12 @@ def collect(model, params, batches: np.ndarray, *, gradients: bool = False,
     sown, grads = _calibrate(model, params, chunk, gradients)
     # the grad is of the batch mean; scale to the mean over all calibration tokens
     scale = len(chunk) / n
-    values = {layer: {**v} for layer, v in _by_layer(sown["traces"]).items()}
+    values = {layer: {**v} for layer, v in dict(per_layer(sown["traces"])).items()}
     for source in ("router_probs", "moe_inputs"):
-      for layer, v in _by_layer(sown[source]).items():
+      for layer, v in dict(per_layer(sown[source])).items():
         values[layer].update(v)
     if grads is not None:
-      for layer, v in _by_layer(grads).items():
+      for layer, v in dict(per_layer(grads)).items():
         values[layer]["grad"] = (np.asarray(v["output"]) * scale,)
     for layer, v in values.items():
       slot = parts.setdefault(layer, {})

@@ -36,6 +36,12 @@ class Summary:
     return f"{self.mean:.4f} ± {self.std:.4f}" if self.n > 1 else f"{self.mean:.4f}"
 
 
+def mean_std(values: Sequence[float]) -> str:
+  """'mean ± std' over seeds for a table cell (std 0 with one seed)."""
+  v = np.asarray(values, np.float64)
+  return f"{v.mean():.4f} ± {v.std(ddof=1) if v.size > 1 else 0:.4f}"
+
+
 def summarize(values: Sequence[float], seeds: Sequence[int] | None = None) -> Summary:
   v = np.asarray(values, np.float64)
   if v.size == 0:
@@ -76,6 +82,12 @@ class Comparison:
       return "within seed noise"
     a_better = (self.mean_diff > 0) == self.higher_is_better
     return f"{self.a if a_better else self.b} {'higher' if self.higher_is_better else 'lower'}"
+
+  @property
+  def sentence(self) -> str:
+    """'+0.0123 (95% interval -0.0010 .. +0.0256, 3 seeds): within seed noise'."""
+    return (f"{self.mean_diff:+.4f} ({self.confidence:.0%} interval {self.ci[0]:+.4f} .. "
+            f"{self.ci[1]:+.4f}, {self.n} seeds): {self.verdict}")
 
 
 def t_interval(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -54,13 +54,9 @@ def is_active(steer: Mapping[str, Any]) -> bool:
                                            "contrast_weight", "capacity_factor", "skip_rate"))
 
 
-def _moe_layers(cfg) -> list[int]:
-  return [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-
-
 def _pairs(text: str, key: str, cfg, fields: int) -> list[tuple]:
   """"1:3,*:0" -> [(1, 3), (l, 0) for every MoE layer l]; reinforce has a third field."""
-  layers, routed = _moe_layers(cfg), cfg.moe.num_routed
+  layers, routed = cfg.moe_layer_ids, cfg.moe.num_routed
   form = "L:E:factor" if fields == 3 else "L:E"
   out = []
   for item in filter(None, (p.strip() for p in text.split(","))):
@@ -124,7 +120,7 @@ def layer_steers(steer: Mapping[str, Any], cfg, skip_thresholds: Mapping[int, fl
                       "steer.deactivate and steer.force; choose one")
   k, routed = cfg.moe.routed_k, cfg.moe.num_routed
   out = []
-  for layer in _moe_layers(cfg):
+  for layer in cfg.moe_layer_ids:
     off = tuple(sorted({e for l, e in deactivate if l == layer}))
     on = tuple(sorted({e for l, e in force if l == layer}))
     if len(on) > k:
@@ -170,7 +166,7 @@ def weak_model(model, steer: Mapping[str, Any]):
   route = options(steer)["contrast_routing"]
   steers = dict(model.cfg.steer)
   out = tuple((l, dataclasses.replace(steers.get(l, LayerSteer()), route=route))
-              for l in _moe_layers(model.cfg))
+              for l in model.cfg.moe_layer_ids)
   return with_steer(model, out)
 
 

@@ -193,11 +193,8 @@ def run_heterogeneous_experts(weights, xs: Array, group_sizes: Array, sizes, *,
 def expert_weights(weights, sizes, i: int) -> tuple[Array, Array]:
   """Expert i's full SwiGLU weights (wi [D, 2, h_i], wo [h_i, D]) from the blocks (for
   references, conversion and analysis)."""
-  wis, wos = weights
-  parts = [(wi[blk.members.index(i)], wo[blk.members.index(i)])
-           for blk, wi, wo in zip(column_blocks(sizes), wis, wos) if i in blk.members]
-  return (jnp.concatenate([a for a, _ in parts], axis=-1),
-          jnp.concatenate([b for _, b in parts], axis=0))
+  wi, wo = run_weights(weights, sizes, i, 1)
+  return wi[0], wo[0]
 
 
 def hidden_flops(sizes, rows_per_expert, d_model: int) -> tuple[float, float]:

@@ -155,7 +155,7 @@ def _ragged_dot(lhs, rhs, group_sizes, *, group_offset=0, transpose_rhs=False, o
 
 
 # ----------------------------------------------------------------------------- tiled XLA path
-def _tile_window(s: GroupTiles, p, tile_m, num_rows):
+def tile_window(s: GroupTiles, p, tile_m, num_rows):
   """(first row of the slice, [tile_m] mask of the rows tile p owns). The last tiles are
   slid back to end at row M (no padded copy of the operands); rows before the tile's own
   start then belong to earlier tiles and are masked, as are rows past its group's end."""
@@ -203,7 +203,7 @@ def _tiled_gmm(lhs, rhs, group_sizes, group_offset, tile_m, transpose_rhs, out_d
     return jax.lax.dynamic_update_slice_in_dim(out, product(r0, p), r0, axis=0)
 
   def end_tile(p, out):   # slid back to end at row M: only its own rows are replaced
-    r0, mask = _tile_window(s, p, tile_m, m)
+    r0, mask = tile_window(s, p, tile_m, m)
     cur = jax.lax.dynamic_slice_in_dim(out, r0, tile_m)
     y = jnp.where(mask[:, None], product(r0, p), cur)
     return jax.lax.dynamic_update_slice_in_dim(out, y, r0, axis=0)
@@ -245,7 +245,7 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, num_groups: int, *,
 
     def body(p, carry):   # a group's tiles are consecutive: sum them in the carry
       acc, out = carry
-      r0, mask = _tile_window(s, p, tile_m, m)
+      r0, mask = tile_window(s, p, tile_m, m)
       xt = jax.lax.dynamic_slice_in_dim(xt_all, r0, tile_m, axis=1)
       xt = jnp.where(mask[None, :], xt, jnp.zeros((), xt.dtype))
       gt = jax.lax.dynamic_slice_in_dim(dy, r0, tile_m)

@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.ops.grouped_matmul import default_tile_m
+from moejax.ops.grouped_matmul import default_tile_m, tile_window
 from pallas_kernels.metadata import make_group_tiles
 
 Array = jax.Array
@@ -47,16 +47,9 @@ def grouped_swiglu(xs: Array, classes, group_sizes: Array, *, offsets=(0,),
   return _grouped_swiglu(xs, classes, group_sizes.astype(jnp.int32), offsets, tile_m)
 
 
-def _window(s, p, tile_m, m):
-  """First row of tile p (slid back to end at row M) and the mask of the rows it owns."""
-  r0 = jnp.minimum(s.row[p], m - tile_m)
-  rows = r0 + jnp.arange(tile_m)
-  return r0, (rows >= s.row[p]) & (rows < s.ends[s.group[p]])
-
-
 def _tile_inputs(xs, wi, s, p, tile_m, m):
   """(first row, row mask, group, x tile f32, wi[g] as [D, 2H] f32, gate and up [T, H])."""
-  r0, mask = _window(s, p, tile_m, m)
+  r0, mask = tile_window(s, p, tile_m, m)
   g = s.group[p]
   x = jax.lax.dynamic_slice_in_dim(xs, r0, tile_m).astype(jnp.float32)
   w = wi[g].astype(jnp.float32)
