@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
 
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
 
@@ -15,7 +15,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_STEPS", "30")                 # the documented overrides
   monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "")                          # one CPU device, as on Colab
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)                # one CPU device, as on Colab
   nb = nbformat.read(NOTEBOOK, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3", resources={
       "metadata": {"path": str(tmp_path)}}).execute()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
 
 README = os.path.join(ROOT, "README.md")
 DOCS = sorted(os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
@@ -72,9 +72,9 @@ def _run(cmd, cwd, env=None, timeout=900):
   # As a user runs them: in the environment `make` built (`source .venv/bin/activate`), on the
   # machine's one CPU device, not the 8 simulated ones of this process (conftest): with 8
   # device threads on 2 cores a collective can miss XLA's 40 s rendezvous under load. A command
-  # that needs devices sets XLA_FLAGS itself.
+  # that needs devices sets XLA_FLAGS itself (and then compiles with XLA's defaults).
   path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path, **{"XLA_FLAGS": "", **(env or {})})
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path, **{"XLA_FLAGS": FAST_COMPILE, **(env or {})})
   p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                      shell=isinstance(cmd, str))
   assert p.returncode == 0, f"{cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"

@@ -6,7 +6,7 @@ import sys
 import portpicker
 import pytest
 
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
 from moejax.train.metrics import read_metrics
 
 FLAGS = [
@@ -22,7 +22,7 @@ FLAGS = [
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   return env
 
 
