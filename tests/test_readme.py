@@ -30,6 +30,9 @@ SMALL = [
 ELSEWHERE = {
     "make test": "is CI itself (.ci/run)",
     "make test-fast": "runs a subset of `make test`",
+    "MOEJAX_TEST_XLA_DEFAULTS=1 make test": (
+        "is CI again under other compiler flags (about 25 minutes); tests/test_conftest.py "
+        "checks what the switch sets"),
     "make bench": "installs torch and runs minutes of benchmarks; smoke-tested as "
                   "`bench_moe.py --quick` in test_bench_smoke",
     "pip install -e .": "what `make` runs on every fresh machine (CI)",
@@ -56,7 +59,7 @@ def readme_commands() -> list[str]:
       if line and not line.startswith("#"):
         out.append(re.sub(r"\s+", " ", line))
   for code in re.findall(r"`([^`\n]+)`", text):
-    if re.match(r"(python |make |pip |XLA_FLAGS=|JAX_PLATFORMS=)", code):
+    if re.match(r"([A-Z][A-Z0-9_]*=\S* )*(python |make |pip )", code):
       out.append(code.strip())
   return list(dict.fromkeys(out))
 
