@@ -17,6 +17,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)                # one CPU device, as on Colab
   nb = nbformat.read(NOTEBOOK, as_version=4)
+  assert all("id" in c for c in nb.cells)      # nbformat 4.5: cell ids (soon required)
   NotebookClient(nb, timeout=600, kernel_name="python3", resources={
       "metadata": {"path": str(tmp_path)}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
