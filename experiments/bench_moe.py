@@ -55,8 +55,9 @@ _OUT = flags.DEFINE_string("out_dir", "experiments/results/bench_moe", "Output d
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions (median reported).")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes, few repeats (smoke test).")
 _BACKENDS = flags.DEFINE_list(
-    "backends", ["xla", "xla@128", "ragged_dot"],
-    "moejax gmm backends to time; 'name@a' aligns each expert's rows to a (model.moe.row_align).")
+    "backends", ["xla", "xla:gmm", "xla@128", "ragged_dot"],
+    "moejax gmm backends to time; 'name@a' aligns each expert's rows to a (model.moe.row_align), "
+    "'name:path' picks the bank's path (run_swiglu_experts: fused, gmm; default auto).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the transformers Qwen3-MoE block.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                             "Activations and weights (bf16 for the GPU/TPU numbers).")
@@ -138,6 +139,7 @@ def dense_case(t, d, f, k, key):
 
 def moe_case(t, d, f, e, k, kind, name, key):
   backend, _, align = name.partition("@")
+  backend, _, path = backend.partition(":")
   align = int(align) if align else 1
   idx, w = routing(t, e, k, kind)
   idx, w = jnp.asarray(idx), jnp.asarray(w)
@@ -149,9 +151,9 @@ def moe_case(t, d, f, e, k, kind, name, key):
   def forward(p, x, idx, w):
     plan = plan_dropless(idx, e, align=align)
     ys = run_swiglu_experts(p, dispatch(x, plan), plan.group_sizes, backend=backend,
-                            dtype=x.dtype)
+                            dtype=x.dtype, path=path or "auto")
     return combine(ys, plan, w)
-  return jax_case(f"moejax/{backend}@{align}", forward, params, x, idx, w)
+  return jax_case(f"moejax/{name.partition('@')[0]}@{align}", forward, params, x, idx, w)
 
 
 def _matmuls_only(p, xs, group_sizes, sizes):
@@ -192,7 +194,7 @@ def hmoe_case(t, d, sizes, k, key, activation=True, path="auto"):
 
 # Layer 1 of the default model (DeepSeekMoE, 63 routed experts of 64 units, top-7) trained 500
 # steps on TinyShakespeare, after `python -m moejax.compress --method=neuron --keep=0.5`
-# (HEAPr): 7 distinct sizes, sum 1992 (experiments/results/bench_hmoe/).
+# (HEAPr): 7 distinct sizes, sum 1992.
 HEAPR_SIZES = (56,) * 4 + (48,) * 11 + (40,) * 13 + (32,) * 14 + (24,) * 5 + (16,) * 7 + (8,) * 9
 HEAPR = (4096, 128, 7)   # T, D (the default model's), k
 

@@ -15,15 +15,23 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.layers.dense import kernel_init, swiglu
 from moejax.ops.grouped_matmul import gmm
+from moejax.ops.grouped_swiglu import grouped_swiglu, use_fused
 
 Array = jax.Array
 
 
 def run_swiglu_experts(weights, xs: Array, group_sizes: Array, *, backend: str = "auto",
-                       dtype=jnp.float32) -> Array:
-  """rows [M, D] grouped by expert -> [M, D]; weights = (wi [E, D, 2, H], wo [E, H, D])."""
+                       dtype=jnp.float32, path: str = "auto") -> Array:
+  """rows [M, D] grouped by expert -> [M, D]; weights = (wi [E, D, 2, H], wo [E, H, D]).
+
+  ``path``: "gmm" runs two grouped matmuls through an [M, 2H] intermediate (every backend; the
+  Pallas kernels' path); "fused" (CPU "xla" backend only) runs up-projection, SwiGLU and
+  down-projection tile by tile (ops/grouped_swiglu.py: nothing [M, 2H]-sized, forward or
+  backward); "auto" picks "fused" on the CPU path."""
   wi, wo = weights
   e, d, _, h = wi.shape
+  if use_fused(path, backend, "gmm"):
+    return grouped_swiglu(xs.astype(dtype), [(wi.astype(dtype), wo.astype(dtype))], group_sizes)
   up = gmm(xs.astype(dtype), wi.astype(dtype).reshape(e, d, 2 * h), group_sizes, backend=backend)
   return gmm(swiglu(up.reshape(-1, 2, h)), wo.astype(dtype), group_sizes, backend=backend)
 
@@ -63,7 +71,8 @@ class SwiGLUExperts(nn.Module):
   """E independent SwiGLU experts of hidden size ``hidden``.
 
   wi [E, D, 2, H] fuses gate and up projections so one grouped matmul computes both;
-  wo [E, H, D]. Two gmm calls per layer, both in the dispatcher's row layout.
+  wo [E, H, D]. On GPU/TPU two gmm calls per layer, both in the dispatcher's row layout; on the
+  CPU path one fused tile loop (``run_swiglu_experts``' ``path``).
   """
   num_experts: int
   d_model: int

@@ -19,9 +19,10 @@ works, at one gmm per run of consecutive members.
 
 On the CPU path the column blocks are not run block by block: each run of same-size experts is
 reassembled (a weight copy) and computed by one fused SwiGLU tile loop (ops/grouped_swiglu.py),
-all runs writing one output, so nothing scales with rows x sizes (measured 1.2-1.4x the
-homogeneous layer on the paper's ladders and a HEAPr-pruned layer, against 0.5-1.05x block by
-block: experiments/bench_moe.py, docs/experts.md "Heterogeneous experts"). The Pallas kernels
+all runs writing one output, so nothing scales with rows x sizes (measured 0.9-1.1x the
+homogeneous layer, which runs the same loop with one size, on the paper's ladders and a
+HEAPr-pruned layer, against 0.3-0.7x block by block: experiments/bench_moe.py, docs/experts.md
+"Heterogeneous experts"). The Pallas kernels
 (GPU, TPU) run the blocks. Not chosen, by reasoning rather
 than measurement: one gmm per size class with each class's own intermediate (activation memory
 grows with the number of classes: M x the sum of the class widths), and a gmm over fixed-width
@@ -45,8 +46,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.errors import ConfigError
 from moejax.layers.dense import kernel_init, swiglu
-from moejax.ops.grouped_matmul import gmm, resolve_backend
-from moejax.ops.grouped_swiglu import grouped_swiglu
+from moejax.ops.grouped_matmul import gmm
+from moejax.ops.grouped_swiglu import grouped_swiglu, use_fused
 
 Array = jax.Array
 
@@ -169,11 +170,7 @@ def run_heterogeneous_experts(weights, xs: Array, group_sizes: Array, sizes, *,
   wis, wos = weights
   sizes = local_sizes(sizes, group_sizes.shape[0])
   xs = xs.astype(dtype)
-  if path not in ("auto", "fused", "blocks"):
-    raise ValueError(f"path={path!r}; allowed: 'auto', 'fused', 'blocks'")
-  if path == "fused" and resolve_backend(backend) != "xla":
-    raise ValueError(f"path='fused' is the CPU tile loop; gmm backend {backend!r} runs 'blocks'")
-  if path == "fused" or (path == "auto" and resolve_backend(backend) == "xla"):
+  if use_fused(path, backend, "blocks"):
     runs = size_runs(sizes)
     classes = [tuple(w.astype(dtype) for w in run_weights(weights, sizes, first, count))
                for first, count in runs]

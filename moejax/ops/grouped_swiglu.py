@@ -26,10 +26,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.ops.grouped_matmul import default_tile_m, tile_window
+from moejax.ops.grouped_matmul import default_tile_m, resolve_backend, tile_window
 from pallas_kernels.metadata import make_group_tiles
 
 Array = jax.Array
+
+
+def use_fused(path: str, backend: str, other: str) -> bool:
+  """Whether a bank runs this op: ``path`` "fused" (the CPU "xla" backend only), ``other``
+  (the bank's grouped-matmul path, every backend) or "auto" ("fused" on the CPU path)."""
+  if path not in ("auto", "fused", other):
+    raise ValueError(f"path={path!r}; allowed: 'auto', 'fused', {other!r}")
+  cpu = resolve_backend(backend) == "xla"
+  if path == "fused" and not cpu:
+    raise ValueError(f"path='fused' is the CPU tile loop; gmm backend {backend!r} runs {other!r}")
+  return path == "fused" or (path == "auto" and cpu)
 
 
 def grouped_swiglu(xs: Array, classes, group_sizes: Array, *, offsets=(0,),
@@ -37,7 +48,7 @@ def grouped_swiglu(xs: Array, classes, group_sizes: Array, *, offsets=(0,),
   """xs [M, D] rows sorted by group; classes ((wi [L, D, 2, H], wo [L, H, D]), ...), class c
   holding groups offsets[c] .. offsets[c] + L_c - 1; group_sizes [G] -> [M, D] in xs' dtype
   (products accumulate in float32)."""
-  classes = tuple((wi, wo) for wi, wo in classes)
+  classes = tuple((jnp.asarray(wi), jnp.asarray(wo)) for wi, wo in classes)
   offsets = tuple(int(o) for o in offsets)
   if len(offsets) != len(classes):
     raise ValueError(f"grouped_swiglu: {len(classes)} classes but {len(offsets)} offsets")

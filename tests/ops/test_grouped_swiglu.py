@@ -58,3 +58,14 @@ def test_values_and_gradients_match_a_row_loop(sizes, layout, tile):
     numeric = (shifted[0] - shifted[1]) / (2 * eps)
     np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * v), numeric, rtol=1e-4,
                                atol=1e-4, err_msg=f"leaf {arg}")
+
+
+def test_banks_choose_the_fused_loop_on_the_cpu_path_only():
+  from moejax.ops.grouped_swiglu import use_fused
+  assert use_fused("auto", "xla", "gmm") and use_fused("fused", "xla", "blocks")
+  assert not use_fused("auto", "ragged_dot", "gmm") and not use_fused("gmm", "xla", "gmm")
+  with pytest.raises(ValueError, match="path='fused' is the CPU tile loop; gmm backend "
+                                       "'ragged_dot' runs 'gmm'"):
+    use_fused("fused", "ragged_dot", "gmm")
+  with pytest.raises(ValueError, match="path='blocks'; allowed: 'auto', 'fused', 'gmm'"):
+    use_fused("blocks", "xla", "gmm")
