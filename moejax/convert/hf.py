@@ -253,6 +253,7 @@ def export_hf(workdir: str, dst: str, *, family: str | None = None, dtype: str =
         value = value[np.asarray(entry.experts)]
       for name, t in zip(entry.hf, families.TRANSFORMS[entry.kind][1](value, entry)):
         writer.add(name, np.ascontiguousarray(t).astype(jnp.dtype(dtype), copy=False))
+      value = t = None          # freed before the next read: one parameter in memory at a time
     writer.write_file("config.json", json.dumps(config_json, indent=2))
     writer.close()
   except BaseException:

@@ -85,6 +85,7 @@ def export_torch(workdir: str, dst: str, *, max_shard_bytes: int = 2 << 30,
     for specs, read in _progress(plan, "export torch", progress):
       for (name, _, _), array in zip(specs, read()):
         writer.add(name, array)
+      array = None              # freed before the next read: one parameter in memory at a time
     writer.write_file("moejax_config.json", json.dumps(config, indent=2))
     writer.write_file("modeling_moejax.py", open(torch_model.__file__).read())
     writer.close()

@@ -223,9 +223,10 @@ def test_converted_model_trains_expert_parallel_like_one_device(tmp_path):
 def test_conversions_stream_one_tensor_at_a_time(tmp_path):
   """A generated ~200 MB checkpoint (largest tensor 32 MB) exported to HF safetensors and to the
   PyTorch module, and imported back, in fresh subprocesses: peak RSS above the baseline stays
-  below 3x the largest tensor for the exports (measured ~2.5x: orbax's reader holds a second
-  copy of the array it restores) and 6x for the import, far from the 205 MB model; the import
-  is bit-exact; the writer refuses tensors out of plan order."""
+  below 4x the largest tensor for the exports (measured 2.2-2.3x on an idle machine, once 3.3x
+  beside the suite's other worker: orbax's reader holds a second copy of the array it
+  restores) and 6x for the import, far from the 205 MB model (6.4x the largest tensor, before
+  any copy); the import is bit-exact; the writer refuses tensors out of plan order."""
   sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                           "experiments")
   import sys
@@ -242,7 +243,7 @@ def test_conversions_stream_one_tensor_at_a_time(tmp_path):
   for direction in ("export", "torch"):
     r = bc.measure(direction, big, str(tmp_path / f"out_{direction}"), warm)
     above = r["peak"] - r["baseline"]
-    assert above < 3 * info["largest"], (direction, above / 2**20)
+    assert above < 4 * info["largest"], (direction, above / 2**20)
   # the import back from that HF export: written parameter by parameter (orbax's partial
   # save), so the peak follows the largest tensor too (measured 3.3-4.1x: orbax's writer
   # holds two copies of the array it saves), not the 205 MB model
