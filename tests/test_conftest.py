@@ -31,7 +31,7 @@ def test_fast_compile_flags_only_on_cpu_and_unless_switched_off(env, fast):
   assert "--xla_force_host_platform_device_count=8" in flags
 
 
-def test_this_session_compiles_with_the_fast_flags():
+def test_this_run_compiles_with_the_fast_flags():
   if os.environ.get("MOEJAX_TEST_XLA_DEFAULTS"):
     assert FAST_COMPILE == ""
   else:
