@@ -32,6 +32,7 @@ from moejax.compress import pipeline  # noqa: E402
 from moejax.compress.calibration import windows  # noqa: E402
 from moejax.train.data import source_split  # noqa: E402
 from moejax.experiment import Study, report, setups, stats  # noqa: E402
+from moejax.experiment.stats import mean_std  # noqa: E402
 from moejax.logs import progress as say  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
@@ -126,7 +127,7 @@ def _text(result, seeds) -> str:
   a, b = _source(_DATA.value), _source(_OTHER.value)
   lines = [f"DeepSeekMoE ({_SIZE.value}) trained {_STEPS.value} steps on A = {a}; B = {b}; "
            f"seeds {seeds}; validation loss, mean ± std over seeds. Uncompressed: A "
-           f"{stats.mean_std(col('base_loss_a'))}, B {stats.mean_std(col('base_loss_b'))}. "
+           f"{mean_std(col('base_loss_a'))}, B {mean_std(col('base_loss_b'))}. "
            f"Fine-tuned: {_FINETUNE.value} steps on A after compression (peak learning rate "
            f"{_FINETUNE_LR.value or 'of the training run'}). Kept: the share of routed-expert "
            "bytes (mixed precision: its ternary experts packed 2 bits per weight).", "",
@@ -136,10 +137,10 @@ def _text(result, seeds) -> str:
   for method in _METHODS.value:
     for keep in _KEEPS.value:
       key = f"{method}_{keep}"
-      row = (f"| {method} | {np.mean(col(f'{key}_kept')):.1%} | {stats.mean_std(col(f'{key}_loss_a'))}"
-             f" | {stats.mean_std(col(f'{key}_loss_b'))} |")
+      row = (f"| {method} | {np.mean(col(f'{key}_kept')):.1%} | {mean_std(col(f'{key}_loss_a'))}"
+             f" | {mean_std(col(f'{key}_loss_b'))} |")
       if tuned:
-        row += f" {stats.mean_std(col(f'{key}_ft_loss_a'))} | {stats.mean_std(col(f'{key}_ft_loss_b'))} |"
+        row += f" {mean_std(col(f'{key}_ft_loss_a'))} | {mean_std(col(f'{key}_ft_loss_b'))} |"
       lines.append(row)
   lines += ["", "**Paper directions** (loss difference, negative = the paper's method is "
             "better):", ""]

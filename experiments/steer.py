@@ -33,6 +33,7 @@ from moejax.analysis import analyze as analyze_lib  # noqa: E402
 from moejax.analysis import routing  # noqa: E402
 from moejax.analysis.traces import collect  # noqa: E402
 from moejax.experiment import Study, report, setups, stats  # noqa: E402
+from moejax.experiment.stats import mean_std  # noqa: E402
 from moejax.logs import progress as say  # noqa: E402
 
 _DATA = flags.DEFINE_string("data_path", "../shared/data/tinyshakespeare.txt",
@@ -128,49 +129,49 @@ def _text(result, seeds) -> str:
   for name in ("specific", "random"):
     label = f"{_DEACTIVATE.value} most A-specific" if name == "specific" else (
         f"{_DEACTIVATE.value} random")
-    lines.append(f"| {label} | {stats.mean_std(col(f'deact_{name}_dA'))} | "
-                 f"{stats.mean_std(col(f'deact_{name}_dB'))} |")
+    lines.append(f"| {label} | {mean_std(col(f'deact_{name}_dA'))} | "
+                 f"{mean_std(col(f'deact_{name}_dB'))} |")
   cmp = stats.compare("change on A", "change on B", col("deact_specific_dA"),
                       col("deact_specific_dB"), metric="loss change", higher_is_better=True)
   vs_random = stats.compare("A-specific", "random", col("deact_specific_dA"),
                             col("deact_random_dA"), metric="loss change", higher_is_better=True)
   lines += ["", f"A-specific experts off, change on A minus change on B: {cmp.sentence}",
             f"Change on A, A-specific minus random experts off: {vs_random.sentence}", "",
-            f"Validation loss on A without steering: {stats.mean_std(col('loss_a'))}; below, the "
+            f"Validation loss on A without steering: {mean_std(col('loss_a'))}; below, the "
             "change from it (paired by seed).", "",
             "**Dynamic skipping** (loss change on A vs routed-expert FLOPs saved):", "",
             "| target rate | FLOPs saved | loss A change |", "|---|---|---|"]
   delta = lambda key: np.asarray(col(key)) - np.asarray(col("loss_a"))
   for rate in _SKIP.value:
-    lines.append(f"| {rate} | {stats.mean_std(col(f'skip_{rate}_saved'))} | "
-                 f"{stats.mean_std(delta(f'skip_{rate}_loss'))} |")
+    lines.append(f"| {rate} | {mean_std(col(f'skip_{rate}_saved'))} | "
+                 f"{mean_std(delta(f'skip_{rate}_loss'))} |")
   lines += ["", "**Capacity-aware inference** (loss change on A):", "",
             "| capacity factor | drop | reroute | reroute minus drop |", "|---|---|---|---|"]
   for factor in _CAPACITY.value:
     drop, reroute = col(f"cap_drop_{factor}_loss"), col(f"cap_reroute_{factor}_loss")
-    lines.append(f"| {factor} | {stats.mean_std(delta(f'cap_drop_{factor}_loss'))} | "
-                 f"{stats.mean_std(delta(f'cap_reroute_{factor}_loss'))} | "
+    lines.append(f"| {factor} | {mean_std(delta(f'cap_drop_{factor}_loss'))} | "
+                 f"{mean_std(delta(f'cap_reroute_{factor}_loss'))} | "
                  f"{stats.compare('reroute', 'drop', reroute, drop).sentence} |")
   devices = runs[0]["placement_devices"]
   lines += ["", f"**Placement** on {devices} devices (held-out share of token moves between "
             "consecutive layers that cross devices):", "",
             "| round-robin | greedy | greedy + exact per-layer refinement | MILP |",
             "|---|---|---|---|",
-            f"| {stats.mean_std(col('traffic_round_robin'))} | {stats.mean_std(col('traffic_greedy'))} | "
-            f"{stats.mean_std(col('traffic_greedy+refine'))} | {stats.mean_std(col('traffic_milp'))} |",
+            f"| {mean_std(col('traffic_round_robin'))} | {mean_std(col('traffic_greedy'))} | "
+            f"{mean_std(col('traffic_greedy+refine'))} | {mean_std(col('traffic_milp'))} |",
             "", f"MILP proven optimal in {sum(col('milp_optimal'))} of {len(runs)} seeds."]
   cmp = stats.compare("MILP", "round-robin", col("traffic_milp"), col("traffic_round_robin"),
                       metric="traffic")
   lines += ["", f"MILP minus round-robin: {cmp.sentence}", "",
-            f"Inter-layer mutual information {stats.mean_std(col('mutual_information_bits'))} bits; "
-            f"next-layer prediction: affinity {stats.mean_std(col('prediction_affinity'))} vs "
-            f"most-used {stats.mean_std(col('prediction_frequency'))}.", "",
+            f"Inter-layer mutual information {mean_std(col('mutual_information_bits'))} bits; "
+            f"next-layer prediction: affinity {mean_std(col('prediction_affinity'))} vs "
+            f"most-used {mean_std(col('prediction_frequency'))}.", "",
             "**Offloading cache** (held-out hit rate):", "",
             "| experts cached | " + " | ".join(("lru", "lfu", "prefetch")) + " |",
             "|---|---|---|---|"]
   for i, size in enumerate(runs[0]["cache_sizes"]):
     lines.append(f"| {size} | " + " | ".join(
-        stats.mean_std([r[f"hit_{p}"][i] for r in runs]) for p in ("lru", "lfu", "prefetch")) + " |")
+        mean_std([r[f"hit_{p}"][i] for r in runs]) for p in ("lru", "lfu", "prefetch")) + " |")
   return "\n".join(lines)
 
 

@@ -77,8 +77,8 @@ def apply_with_traces(model, params, tokens, probs: bool = False):
   return model.apply({"params": params}, tokens, mutable=mutable)
 
 
-def per_layer(tree) -> list[tuple[int, tuple]]:
-  """{'layer_3': {'moe': {'experts': (a, b)}}} -> [(3, (a, b))] in layer order."""
+def per_layer(tree) -> list[tuple[int, dict]]:
+  """{'layer_3': {'moe': {'experts': (a, b)}}} -> [(3, {'experts': (a, b)})] in layer order."""
   out = []
   for path, value in traverse_util.flatten_dict(tree).items():
     out.append((int(path[0].split("_")[1]), path[-1], value))

@@ -82,12 +82,12 @@ def collect(model, params, batches: np.ndarray, *, gradients: bool = False,
     sown, grads = _calibrate(model, params, chunk, gradients)
     # the grad is of the batch mean; scale to the mean over all calibration tokens
     scale = len(chunk) / n
-    values = {layer: {**v} for layer, v in dict(per_layer(sown["traces"])).items()}
+    values = dict(per_layer(sown["traces"]))     # fresh dicts, one per layer
     for source in ("router_probs", "moe_inputs"):
-      for layer, v in dict(per_layer(sown[source])).items():
+      for layer, v in per_layer(sown[source]):
         values[layer].update(v)
     if grads is not None:
-      for layer, v in dict(per_layer(grads)).items():
+      for layer, v in per_layer(grads):
         values[layer]["grad"] = (np.asarray(v["output"]) * scale,)
     for layer, v in values.items():
       slot = parts.setdefault(layer, {})
